@@ -156,7 +156,13 @@ def download_file_with_lock(url, filename, postprocess_fn=None, retries=5, backo
             try:
                 print0(f"Downloading {url} ...")
                 with urllib.request.urlopen(url, timeout=timeout) as response:
-                    atomic_write(file_path, lambda f: shutil.copyfileobj(response, f, 1 << 20))
+                    expected = response.headers.get("Content-Length")
+                    def write(f):
+                        shutil.copyfileobj(response, f, 1 << 20)
+                        # urllib returns short bodies silently when a server drops the connection: check the length
+                        if expected is not None and f.tell() != int(expected):
+                            raise IOError(f"truncated transfer: got {f.tell()} of {expected} bytes")
+                    atomic_write(file_path, write)
                 break
             except Exception as e:  # network errors, HTTP errors, timeouts
                 last_error = e
