@@ -123,6 +123,10 @@ def get_base_dir():
     return base_dir
 
 # %% ../nbs/00_common.ipynb #f7603e25
+def _current_umask():
+    mask = os.umask(0); os.umask(mask)
+    return mask
+
 def atomic_write(path, write_fn, mode="wb"):
     "Call `write_fn(f)` on a temporary file next to `path`, then atomically rename it to `path`."
     path = str(path)
@@ -134,6 +138,7 @@ def atomic_write(path, write_fn, mode="wb"):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)
