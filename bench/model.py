@@ -1,0 +1,99 @@
+"""Forward+backward throughput of the GPT on this CPU, fp32 vs bf16, and MFU against the measured matmul peak.
+
+    python bench/model.py                       # depths 4 and 6, sequence 512, both dtypes
+    python bench/model.py --depths 4 --steps 5 --window-pattern L
+
+COMPUTE_DTYPE is fixed when nanochat_nb.common is imported, so each dtype runs in its own subprocess with
+NANOCHAT_DTYPE set. Peak FLOP/s comes from common.get_peak_flops("cpu") (a measured matmul peak in that dtype, cached
+in the base dir). FLOPs per token are GPT.estimate_flops() at the benchmark's sequence length (6N + attention).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker(args):
+    import torch
+    from tqdm import tqdm
+    from nanochat_nb.common import COMPUTE_DTYPE, get_peak_flops
+    from nanochat_nb.gpt import build_model_meta
+    peak = get_peak_flops("cpu")
+    results = []
+    for depth in args.depths:
+        torch.manual_seed(0)
+        model = build_model_meta(depth, max_seq_len=args.seq_len, vocab_size=args.vocab_size, window_pattern=args.window_pattern)
+        model.to_empty(device="cpu")
+        model.init_weights()
+        flops_per_token = model.estimate_flops()
+        x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+        y = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+
+        def step():
+            loss = model(x, targets=y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        step()  # warm-up
+        times = []
+        for _ in tqdm(range(args.steps), desc=f"{str(COMPUTE_DTYPE).split('.')[-1]} d{depth}", file=sys.stderr, leave=False):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        dt = sorted(times)[len(times) // 2]  # median: the machine is shared
+        tok_s = args.batch_size * args.seq_len / dt
+        results.append(dict(depth=depth, n_embd=model.config.n_embd, dtype=str(COMPUTE_DTYPE).split(".")[-1],
+                            tok_s=tok_s, step_s=dt, flops_per_token=flops_per_token,
+                            achieved=tok_s * flops_per_token, peak=peak, mfu=tok_s * flops_per_token / peak))
+        del model
+    print("RESULTS " + json.dumps(results))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[4, 6])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=2, help="rows per forward+backward")
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--window-pattern", type=str, default="SSSL")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per config (after one warm-up step)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    import torch
+    print(f"GPT forward+backward on CPU: {torch.get_num_threads()} threads, T={args.seq_len}, batch {args.batch_size}, "
+          f"V={args.vocab_size}, window pattern {args.window_pattern}, median of {args.steps} steps")
+    rows = []
+    for dtype in args.dtypes:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--depths", *map(str, args.depths),
+               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--vocab-size", str(args.vocab_size),
+               "--window-pattern", args.window_pattern, "--steps", str(args.steps)]
+        env = {**os.environ, "NANOCHAT_DTYPE": dtype, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"benchmark worker for {dtype} failed (exit {proc.returncode}); see the messages above")
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")][-1]
+        rows += json.loads(line[len("RESULTS "):])
+
+    print(f"\n{'depth':>5} {'n_embd':>6} {'dtype':>9} {'step s':>7} {'tokens/s':>9} {'GFLOP/tok':>9} "
+          f"{'achieved GFLOP/s':>16} {'peak GFLOP/s':>12} {'MFU':>6}")
+    for r in rows:
+        print(f"{r['depth']:>5} {r['n_embd']:>6} {r['dtype']:>9} {r['step_s']:>7.3f} {r['tok_s']:>9.1f} "
+              f"{r['flops_per_token'] / 1e9:>9.3f} {r['achieved'] / 1e9:>16.1f} {r['peak'] / 1e9:>12.1f} {100 * r['mfu']:>5.1f}%")
+    by = {(r["depth"], r["dtype"]): r for r in rows}
+    if "float32" in args.dtypes and "bfloat16" in args.dtypes:
+        print()
+        for d in args.depths:
+            a, b = by[(d, "float32")], by[(d, "bfloat16")]
+            print(f"d{d}: bf16/fp32 tokens/s ratio {b['tok_s'] / a['tok_s']:.2f}x; "
+                  f"peak ratio {b['peak'] / a['peak']:.2f}x; MFU fp32 {100 * a['mfu']:.1f}% vs bf16 {100 * b['mfu']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
