@@ -1,0 +1,127 @@
+"""Pretraining throughput and quality on this CPU: fp32 vs bf16, eager vs torch.compile, side by side.
+
+Each configuration runs `nanochat_nb.base_train.main` in its own subprocess (COMPUTE_DTYPE is fixed at import, so the
+dtype is chosen with NANOCHAT_DTYPE per process) on the same data, model, seed and number of steps, and reports
+  tok/s   steady-state tokens per second: total batch / median step time over the steps after the first 11 (which
+          include compile/warm-up; the median resists other processes stealing the CPU)
+  MFU     model FLOPs utilisation against this CPU's *measured* matmul peak in that dtype (measured once up front,
+          best of 3 s, with common.measure_matmul_flops)
+  val bpb bits per byte on the validation shard after the fixed number of steps (same tokens for every config)
+This is the measurement behind the bf16-on-CPU default in common.py ("bf16 only if it trains faster at equal quality").
+
+Usage: python bench/train.py [--steps 60] [--depth 4] [--configs fp32-eager,bf16-eager,fp32-compile,bf16-compile]
+       [--base-dir DIR]  (a base dir that already has a corpus and tokenizer, e.g. after runs/runcpu.sh;
+                          default: a temporary one with a synthetic corpus and a small tokenizer)
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CHILD = r"""
+import json, os, sys
+from nanochat_nb.base_train import main
+r = main(sys.argv[1:])
+json.dump(r, open(os.environ["RESULTS_JSON"], "w"))
+"""
+
+
+def prepare_base_dir(base_dir):
+    "Synthetic corpus + tokenizer (vocab 1024) in base_dir, unless it already has them."
+    from tests.base_train_worker import make_corpus, make_documents, make_tokenizer
+    if not os.path.exists(os.path.join(base_dir, "tokenizer", "token_bytes.pt")):
+        os.environ["NANOCHAT_BASE_DIR"] = base_dir
+        make_corpus(base_dir, train_docs=make_documents(6000, 0), val_docs=make_documents(400, 1))
+        make_tokenizer(base_dir, vocab_size=1024)
+
+
+def run_config(name, base_dir, train_args, peaks):
+    dtype, mode = name.split("-")
+    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+           "NANOCHAT_DTYPE": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        results_path = f.name
+    env["RESULTS_JSON"] = results_path
+    args = train_args + [f"--compile={'1' if mode == 'compile' else '0'}", f"--model-tag=bench_{name}"]
+    t0 = time.time()
+    log_path = os.path.join(base_dir, f"bench_{name}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # show progress: every 10th step and the validation lines
+            log.write(line)
+            if line.startswith("Step ") or (line.startswith("step ") and int(line[5:10]) % 10 == 0):
+                print(f"  [{name}] {line.rstrip()}", flush=True)
+        proc.wait()
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        print(f"[{name}] FAILED, see {log_path}:\n" + open(log_path).read()[-3000:])
+        return None
+    r = json.load(open(results_path)); os.remove(results_path)
+    r["peak_flops"] = peaks[dtype]
+    # median step time after the first 11 steps (warm-up / compile): robust to other processes stealing the CPU
+    times = sorted(t for s, t in r["step_times"].items() if int(s) > 10)
+    median_dt = times[len(times) // 2] if times else float("nan")
+    r["tok_per_sec"] = r["total_batch_size"] / median_dt
+    r["mfu"] = 100 * r["num_flops_per_token"] * r["tok_per_sec"] / r["peak_flops"]
+    r["wall"] = wall
+    losses = r["train_losses"]
+    r["final_loss"] = losses[str(r["num_iterations"] - 1)]
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--device-batch-size", type=int, default=8)
+    p.add_argument("--configs", type=str, default="fp32-eager,bf16-eager,fp32-compile,bf16-compile")
+    p.add_argument("--base-dir", type=str, default=None)
+    a = p.parse_args()
+    base_dir = a.base_dir or tempfile.mkdtemp(prefix="nanochat_bench_")
+    prepare_base_dir(base_dir)
+    tokens = a.device_batch_size * a.max_seq_len
+    train_args = [f"--depth={a.depth}", "--head-dim=64", "--window-pattern=L", f"--max-seq-len={a.max_seq_len}",
+                  f"--device-batch-size={a.device_batch_size}", f"--total-batch-size={tokens}",
+                  f"--num-iterations={a.steps}", f"--eval-every={a.steps}", f"--eval-tokens={8 * tokens}",
+                  "--core-metric-every=-1", "--sample-every=-1", "--warmup-steps=5"]
+    import torch
+    from nanochat_nb.common import cpu_model_name
+    print(f"CPU: {cpu_model_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    print(f"config: depth {a.depth}, seq {a.max_seq_len}, batch {tokens} tokens/step, {a.steps} steps, seed 42 (compute_init)")
+    # this CPU's matmul peak per dtype, measured once here (best of 3 s) and shared by all configs
+    from nanochat_nb.common import measure_matmul_flops
+    peaks = {"fp32": measure_matmul_flops(torch.float32, seconds=3), "bf16": measure_matmul_flops(torch.bfloat16, seconds=3)}
+    print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s "
+          f"(x{peaks['bf16'] / peaks['fp32']:.2f})")
+    rows = {}
+    for name in a.configs.split(","):
+        print(f"running {name} ...", flush=True)
+        rows[name] = run_config(name, base_dir, train_args, peaks)
+    print()
+    print(f"{'config':<14} {'tok/s':>9} {'MFU %':>7} {'final loss':>11} {'val bpb':>9} {'wall s':>7}")
+    for name, r in rows.items():
+        if r is None: print(f"{name:<14} failed"); continue
+        print(f"{name:<14} {r['tok_per_sec']:>9.0f} {r['mfu']:>7.2f} {r['final_loss']:>11.4f} {r['val_bpb']:>9.4f} {r['wall']:>7.1f}")
+    print()
+    def ratio(a_, b_, key):
+        if rows.get(a_) and rows.get(b_): return rows[a_][key] / rows[b_][key]
+    for num, den in [("bf16-eager", "fp32-eager"), ("bf16-compile", "fp32-compile"), ("fp32-compile", "fp32-eager"),
+                     ("bf16-compile", "bf16-eager"), ("bf16-compile", "fp32-eager")]:
+        s = ratio(num, den, "tok_per_sec")
+        if s is not None:
+            q = rows[num]["val_bpb"] - rows[den]["val_bpb"]
+            print(f"{num} vs {den}: speed x{s:.2f}, val bpb {q:+.4f}")
+    print("(MFU is against the measured peak of each dtype, so it compares utilisation, not speed)")
+    print(f"logs: {base_dir}/bench_<config>.log")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The "speedrun": train a GPT-2 grade base model (d24) on one 8×H100 node, as the original's runs/speedrun.sh.
+# Stages that exist so far: data download, tokenizer training + evaluation, base pretraining, base evaluation.
+# (SFT, chat eval and the report are appended as those modules land.)
+#
+#   bash runs/speedrun.sh                              # wandb off
+#   WANDB_RUN=speedrun bash runs/speedrun.sh           # log to wandb (run `wandb login` first)
+#   NPROC_PER_NODE=4 bash runs/speedrun.sh             # fewer GPUs: gradient accumulation keeps the same batch
+#
+# On a GPU node, install the CUDA build of torch==2.13.0 into the environment first (runs/setup_env.sh only installs
+# torch when none is importable).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export OMP_NUM_THREADS=1
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+mkdir -p "$NANOCHAT_BASE_DIR"
+. runs/setup_env.sh
+WANDB_RUN="${WANDB_RUN:-dummy}"
+NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
+
+has_module() { python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('nanochat_nb.$1') else 1)"; }
+
+# report: start a fresh report (if the report module exists)
+if has_module report; then python -m nanochat_nb.report reset; fi
+
+# -----------------------------------------------------------------------------
+# Tokenizer: ~2B characters (8 shards of ~250M chars) for the tokenizer, ~170 shards in the background for pretraining
+python -m nanochat_nb.dataset -n 8
+python -m nanochat_nb.dataset -n 170 &
+DATASET_DOWNLOAD_PID=$!
+python -m nanochat_nb.tok_train
+python -m nanochat_nb.tok_eval
+
+# -----------------------------------------------------------------------------
+# Base model (pretraining): d24, slightly over-trained (tokens:params 8 instead of the compute-optimal 10.5) to beat
+# GPT-2's CORE score; device batch 16 × 2048 × 8 GPUs × 4 accumulation steps = 1M-token batches; FP8 matmuls.
+echo "Waiting for dataset download to complete..."
+wait $DATASET_DOWNLOAD_PID
+torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m nanochat_nb.base_train -- --depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8 --run=$WANDB_RUN
+# evaluate the model: CORE metric, bpb on train/val, samples
+torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m nanochat_nb.base_eval -- --device-batch-size=16
+
+if has_module report; then python -m nanochat_nb.report generate; fi

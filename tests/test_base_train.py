@@ -1,0 +1,223 @@
+"""Pretraining end to end on a tiny model (depth 2, seq 64): the loss goes down, kill-and-resume replays the same
+losses, two torchrun ranks equal one process with gradient accumulation, and a two-"node" c10d rendezvous run equals
+them too. Each test trains on a synthetic corpus and a tiny tokenizer written into its own tmp base dir."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.base_train_worker import TINY_ARGS, make_corpus, make_documents, make_tokenizer
+from tests.conftest import REPO, run_torchrun
+
+WORKER = os.path.join(REPO, "tests", "base_train_worker.py")
+
+
+def _with_base_dir(path, fn):
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(path)
+    try:
+        return fn()
+    finally:
+        if old is None: os.environ.pop("NANOCHAT_BASE_DIR")
+        else: os.environ["NANOCHAT_BASE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    "A base dir with a corpus, a tokenizer and the cached CPU peak (built once per module, copied per test)."
+    d = tmp_path_factory.mktemp("template")
+    def build():
+        from nanochat_nb.common import get_peak_flops
+        make_tokenizer(str(d))
+        make_corpus(str(d))
+        get_peak_flops("cpu")
+    _with_base_dir(d, build)
+    return d
+
+
+@pytest.fixture
+def train_dir(base_dir, template):
+    shutil.copytree(template, base_dir, dirs_exist_ok=True)
+    return base_dir
+
+
+def test_tiny_run_lowers_loss(train_dir):
+    from nanochat_nb.base_train import main
+    # LRs are scaled by sqrt(512 / 2^19) = 1/32 for this tiny batch; raise them so 30 steps learn something
+    r = main(TINY_ARGS + ["--total-batch-size=512", "--num-iterations=30", "--eval-every=15", "--eval-tokens=2048",
+                          "--matrix-lr=0.6", "--embedding-lr=3", "--unembedding-lr=0.2", "--warmup-steps=3"])
+    losses = [r["train_losses"][i] for i in range(30)]
+    assert r["grad_accum_steps"] == 2 and r["num_iterations"] == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    bpb = r["val_bpbs"]
+    assert sorted(bpb) == [0, 15, 30] and bpb[30] < bpb[15] < bpb[0], bpb
+    assert r["val_bpb"] == r["min_val_bpb"] == bpb[30]
+    ckpt = os.path.join(train_dir, "base_checkpoints", "d2")
+    assert sorted(os.listdir(ckpt)) == ["meta_000030.json", "model_000030.pt", "optim_000030_rank0.pt", "rng_000030_rank0.pt"]
+    meta = json.load(open(os.path.join(ckpt, "meta_000030.json")))
+    assert meta["step"] == 30 and meta["total_batch_size"] == 512 and meta["user_config"]["depth"] == 2
+    assert meta["model_config"]["n_embd"] == 128 and meta["model_config"]["n_head"] == 2
+    assert set(meta["loop_state"]) >= {"min_val_bpb", "smooth_train_loss", "total_training_time"}
+    assert {"pq_idx", "rg_idx", "epoch"} <= set(meta["dataloader_state_dict"])
+
+
+def test_kill_and_resume_gives_identical_losses(train_dir):
+    from nanochat_nb.base_train import main
+    args = TINY_ARGS + ["--total-batch-size=512", "--num-iterations=10", "--eval-every=5", "--eval-tokens=1024",
+                        "--save-every=4"]
+    full = main(args)
+    # the "killed" run: everything after step 4 of the first run is thrown away, then we resume from step 4
+    resumed = main(args + ["--resume-from-step=4"])
+    assert sorted(resumed["train_losses"]) == list(range(4, 10))
+    for step in range(4, 10):
+        assert resumed["train_losses"][step] == full["train_losses"][step], step
+    assert resumed["val_bpb"] == full["val_bpb"]
+
+
+def test_resume_from_missing_step_is_clear(train_dir):
+    from nanochat_nb.base_train import main
+    with pytest.raises(FileNotFoundError, match="Steps saved in"):
+        main(TINY_ARGS + ["--total-batch-size=256", "--num-iterations=2", "--resume-from-step=7"])
+
+
+def test_indivisible_batch_is_clear(train_dir):
+    from nanochat_nb.base_train import main
+    with pytest.raises(ValueError, match="must be divisible by device_batch_size"):
+        main(TINY_ARGS + ["--total-batch-size=300", "--num-iterations=2", "--eval-every=-1"])
+
+
+def test_cli_entry_point_bf16(train_dir):
+    "`python -m nanochat_nb.base_train` in bf16 (the CPU default here): runs, logs per step and to wandb (offline), samples, saves."
+    env = {**os.environ, "NANOCHAT_DTYPE": "bfloat16", "WANDB_MODE": "offline", "WANDB_DIR": str(train_dir),
+           "WANDB_SILENT": "true"}
+    proc = subprocess.run([sys.executable, "-m", "nanochat_nb.base_train", *TINY_ARGS, "--total-batch-size=256",
+                           "--num-iterations=3", "--eval-every=3", "--eval-tokens=512", "--sample-every=3",
+                           "--run=test_run"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [d for d in os.listdir(os.path.join(train_dir, "wandb")) if d.startswith("offline-run-")]
+    assert len(runs) == 1  # wandb logged offline
+    assert "COMPUTE_DTYPE: torch.bfloat16" in proc.stdout and "step 00002/00003" in proc.stdout
+    assert "Validation bpb" in proc.stdout and "The capital of France is" in proc.stdout
+    assert os.path.exists(os.path.join(train_dir, "base_checkpoints", "d2", "model_000003.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed: two ranks vs one process with gradient accumulation. Rank r reads row groups r, r+2, ... while one
+# process reads them all in order; to make both see the same rows we use documents longer than a row, sorted by token
+# length (so best-fit packing takes them first-in-first-out, one document per row), and row groups of exactly one
+# micro-batch (4 rows). Then rank r's step-s batch is row group 2s+r, exactly the single process's micro-step r.
+
+@pytest.fixture(scope="module")
+def dist_template(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist_template")
+    def build():
+        from nanochat_nb.common import get_peak_flops
+        tok = make_tokenizer(str(d))
+        bos = tok.get_bos_token_id()
+        def sorted_docs(n, seed):
+            docs = make_documents(n, seed, min_sentences=6, max_sentences=10)
+            lens = [len(ids) for ids in tok.encode(docs, prepend=bos)]
+            assert min(lens) > 65, min(lens)  # every document is longer than a row (T + 1)
+            return [doc for _, doc in sorted(zip(lens, docs), key=lambda t: t[0])]
+        # each rank buffers 1000 documents: enough that no rank wraps around to a second epoch
+        make_corpus(str(d), train_docs=sorted_docs(2400, 0), val_docs=sorted_docs(2100, 1), row_group_size=4)
+        get_peak_flops("cpu")
+    _with_base_dir(d, build)
+    return d
+
+DIST_ARGS = TINY_ARGS + ["--total-batch-size=512", "--num-iterations=4", "--eval-every=100", "--eval-tokens=2048"]
+
+
+def _read(base_dir):
+    "(losses, val bpb, final model state_dict) of a run in base_dir."
+    r = json.load(open(os.path.join(base_dir, "results.json")))
+    sd = torch.load(os.path.join(base_dir, "base_checkpoints", "d2", "model_000004.pt"), map_location="cpu")
+    return [r["train_losses"][str(i)] for i in range(4)], r["val_bpb"], sd
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(dist_template, tmp_path_factory):
+    "Losses, val bpb and final weights of the one-process run (gradient accumulation 2)."
+    d = tmp_path_factory.mktemp("single")
+    shutil.copytree(dist_template, d, dirs_exist_ok=True)
+    proc = subprocess.run([sys.executable, WORKER, *DIST_ARGS], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NANOCHAT_BASE_DIR": str(d), "RESULTS_JSON": str(d / "results.json")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gradient accumulation steps: 2" in proc.stdout
+    return _read(d)
+
+
+def _assert_matches(result, reference):
+    """Same weights after 4 steps and the same val bpb. (The logged loss is the last micro-batch's: rank 0 logs the loss
+    of row group 2s, the single process that of row group 2s+1, so the losses are compared only for going down.)"""
+    losses, bpb, sd = result
+    _, ref_bpb, ref_sd = reference
+    assert losses[-1] < losses[0]
+    assert sd.keys() == ref_sd.keys()
+    for k in sd:
+        torch.testing.assert_close(sd[k].float(), ref_sd[k].float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert bpb == pytest.approx(ref_bpb, rel=1e-5)
+
+
+def test_two_ranks_match_gradient_accumulation(dist_template, base_dir, single_process_reference):
+    shutil.copytree(dist_template, base_dir, dirs_exist_ok=True)
+    out = base_dir / "results.json"
+    proc = run_torchrun([WORKER, *DIST_ARGS], nproc=2, env={"NANOCHAT_BASE_DIR": str(base_dir), "RESULTS_JSON": str(out)})
+    assert "gradient accumulation steps: 1" in proc.stdout and "Distributed world size: 2" in proc.stdout + proc.stderr
+    _assert_matches(_read(base_dir), single_process_reference)
+    ckpt = base_dir / "base_checkpoints" / "d2"
+    assert (ckpt / "optim_000004_rank0.pt").exists() and (ckpt / "optim_000004_rank1.pt").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_rendezvous(dist_template, base_dir, single_process_reference):
+    "Two torchrun launchers (one process each) meet through a c10d rendezvous on 127.0.0.1, as two nodes would."
+    shutil.copytree(dist_template, base_dir, dirs_exist_ok=True)
+    out = base_dir / "results.json"
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOCHAT_BASE_DIR": str(base_dir), "RESULTS_JSON": str(out)}
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nanochat_test",
+               f"--rdzv-conf=is_host={1 if node == 0 else 0}", "--local-addr=127.0.0.1", WORKER, *DIST_ARGS]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None: p.kill()
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-3000:]
+    assert "Distributed world size: 2" in "".join(so + se for so, se in outs)
+    _assert_matches(_read(base_dir), single_process_reference)
+
+
+def test_fp16_gradscaler_path(train_dir):
+    "NANOCHAT_DTYPE=float16 turns on the GradScaler; the run trains and its scaler state goes into the checkpoint."
+    # measuring the fp16 matmul peak of a CPU takes minutes (fp16 is emulated): seed common's cache with a stand-in
+    from nanochat_nb import common
+    cache = os.path.join(train_dir, "cpu_peak_flops.json")
+    table = json.load(open(cache))
+    table[f"{common.cpu_model_name()}|{torch.float16}|threads={torch.get_num_threads()}"] = 1e11
+    json.dump(table, open(cache, "w"))
+    env = {**os.environ, "NANOCHAT_DTYPE": "float16"}
+    proc = subprocess.run([sys.executable, "-m", "nanochat_nb.base_train", *TINY_ARGS, "--total-batch-size=256",
+                           "--num-iterations=2", "--eval-every=-1"], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GradScaler enabled for fp16 training" in proc.stdout
+    meta = json.load(open(os.path.join(train_dir, "base_checkpoints", "d2", "meta_000002.json")))
+    assert meta["loop_state"]["grad_scaler"]["scale"] > 0
