@@ -4,8 +4,7 @@
 
 # %% auto #0
 __all__ = ['B_REF', 'SAMPLE_PROMPTS', 'get_parser', 'get_scaling_params', 'derive_batch_and_scaling', 'get_num_iterations',
-           'get_lr_multiplier', 'get_muon_momentum', 'get_weight_decay', 'fp8_module_filter', 'disable_fp8',
-           'sample_completions', 'format_eta', 'main']
+           'get_lr_multiplier', 'get_muon_momentum', 'get_weight_decay', 'sample_completions', 'format_eta', 'main']
 
 # %% ../nbs/09_base_train.ipynb #ee1910c5
 import argparse
@@ -143,47 +142,7 @@ def get_weight_decay(it, num_iterations, weight_decay_scaled):
     return weight_decay_scaled * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
 
 # %% ../nbs/09_base_train.ipynb #2870b087
-def fp8_module_filter(mod, fqn):
-    "Convert a Linear to FP8 only if both dims are multiples of 16 and the smaller is >= 128."
-    if not isinstance(mod, nn.Linear):
-        return False
-    if mod.in_features % 16 != 0 or mod.out_features % 16 != 0:
-        return False
-    if min(mod.in_features, mod.out_features) < 128:
-        return False
-    return True
-
-@contextmanager
-def disable_fp8(model):
-    "Temporarily swap every Float8Linear in `model` for a plain Linear sharing its weight (no-op without FP8)."
-    try:
-        from nanochat_nb.fp8 import Float8Linear
-    except ImportError:
-        yield; return
-    fp8_locations = []
-    for name, module in model.named_modules():
-        if isinstance(module, Float8Linear):
-            if '.' in name:
-                parent_name, attr_name = name.rsplit('.', 1)
-                parent = model.get_submodule(parent_name)
-            else:
-                parent, attr_name = model, name
-            fp8_locations.append((parent, attr_name, module))
-    if not fp8_locations:
-        yield; return
-    from nanochat_nb.gpt import Linear
-    for parent, attr_name, fp8_module in fp8_locations:
-        with torch.device("meta"):
-            linear = Linear(fp8_module.in_features, fp8_module.out_features, bias=fp8_module.bias is not None)
-        linear.weight = fp8_module.weight
-        if fp8_module.bias is not None:
-            linear.bias = fp8_module.bias
-        setattr(parent, attr_name, linear)
-    try:
-        yield
-    finally:
-        for parent, attr_name, fp8_module in fp8_locations:
-            setattr(parent, attr_name, fp8_module)
+from .fp8 import disable_fp8, fp8_module_filter, maybe_enable_fp8
 
 # %% ../nbs/09_base_train.ipynb #a33df0b3
 SAMPLE_PROMPTS = [
@@ -312,16 +271,8 @@ def _train(args, user_config, device_type, ddp_rank, ddp_world_size, device, mas
         del model_data
     # FP8 (CUDA only), before compile
     if args.fp8:
-        if device_type != "cuda":
-            print0("WARNING: --fp8 requires CUDA, ignoring")
-        else:
-            from nanochat_nb.fp8 import Float8LinearConfig, convert_to_float8_training
-            fp8_config = Float8LinearConfig.from_recipe_name(args.fp8_recipe)
-            num_linear = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
-            convert_to_float8_training(model, config=fp8_config, module_filter_fn=fp8_module_filter)
-            from nanochat_nb.fp8 import Float8Linear
-            num_fp8 = sum(1 for m in model.modules() if isinstance(m, Float8Linear))
-            print0(f"✓ FP8 training enabled ({args.fp8_recipe} scaling) - converted {num_fp8}/{num_linear} linear layers")
+        fp8_enabled, fp8_reason = maybe_enable_fp8(model, recipe=args.fp8_recipe)
+        print0(f"FP8 training {'enabled' if fp8_enabled else 'NOT enabled'}: {fp8_reason}")
     orig_model = model  # uncompiled: checkpoints, CORE, sampling (variable shapes)
     use_compile = args.compile == "1" or (args.compile == "auto" and device_type == "cuda")
     if use_compile:
