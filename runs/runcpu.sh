@@ -68,10 +68,10 @@ else
 fi
 
 # -----------------------------------------------------------------------------
-# 4. Evaluate: bits per byte on train and val, and samples (the CORE tasks need the eval bundle download, so they are
+# 4. Evaluate: bits per byte on train and val (the same 131072 validation tokens base_train evaluates), and samples (the CORE tasks need the eval bundle download, so they are
 #    left out here; add --eval=core,bpb,sample and --max-per-task=16 where the bundle is available)
 echo "=== [4/4] base model evaluation: bpb + samples"
-python -m nanochat_nb.base_eval --model-tag="$MODEL_TAG" --eval=bpb,sample --device-batch-size=1 --split-tokens=16384
+python -m nanochat_nb.base_eval --model-tag="$MODEL_TAG" --eval=bpb,sample --device-batch-size=16 --split-tokens=131072
 
 python - <<PY
 import json, os
