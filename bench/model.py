@@ -4,8 +4,8 @@
     python bench/model.py --depths 4 --steps 5 --window-pattern L
 
 COMPUTE_DTYPE is fixed when nanochat_nb.common is imported, so each dtype runs in its own subprocess with
-NANOCHAT_DTYPE set. Peak FLOP/s comes from common.get_peak_flops("cpu") (a measured matmul peak in that dtype, cached
-in the base dir). FLOPs per token are GPT.estimate_flops() at the benchmark's sequence length (6N + attention).
+NANOCHAT_DTYPE set. Peak FLOP/s is this CPU's matmul peak in that dtype, measured afresh here
+(common.get_cpu_peak_flops(cache=False)): a cached peak measured while the machine was busy would be too low. FLOPs per token are GPT.estimate_flops() at the benchmark's sequence length (6N + attention).
 """
 import argparse
 import json
@@ -20,9 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def worker(args):
     import torch
     from tqdm import tqdm
-    from nanochat_nb.common import COMPUTE_DTYPE, get_peak_flops
+    from nanochat_nb.common import COMPUTE_DTYPE, get_cpu_peak_flops
     from nanochat_nb.gpt import build_model_meta
-    peak = get_peak_flops("cpu")
+    peak = get_cpu_peak_flops(cache=False)
     results = []
     for depth in args.depths:
         torch.manual_seed(0)
