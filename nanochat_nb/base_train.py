@@ -516,6 +516,7 @@ def _train(args, user_config, device_type, ddp_rank, ddp_world_size, device, mas
              "Total training time": f"{total_training_time / 60:.2f}m",
              "Peak memory usage": f"{get_max_memory() / 1024 / 1024:.2f}MiB"},
         ])
+        get_report().log_curves("Base model training", {"train loss": train_losses, "val bpb": val_bpbs})
     return {"train_losses": train_losses, "val_bpbs": val_bpbs, "step_times": step_times, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb,
             "num_iterations": num_iterations, "total_batch_size": total_batch_size, "grad_accum_steps": grad_accum_steps,
             "num_flops_per_token": num_flops_per_token, "mfu": mfu, "total_training_time": total_training_time,

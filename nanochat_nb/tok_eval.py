@@ -8,9 +8,9 @@ __all__ = ['news_text', 'korean_text', 'code_text', 'math_text', 'science_text',
 
 # %% ../nbs/01b_tok_eval.ipynb #e4fe73be
 import argparse
-import importlib.util
 
 from .common import is_main
+from .report import get_report
 from .tokenizer import RustBPETokenizer, get_tokenizer
 
 # %% ../nbs/01b_tok_eval.ipynb #49e2c00c
@@ -177,12 +177,6 @@ def shard_texts():
         out.append(("fwe-val", val_text))
     return out
 
-def _log_report(section, data):
-    if importlib.util.find_spec("nanochat_nb.report") is None:
-        return
-    from nanochat_nb.report import get_report
-    get_report().log(section=section, data=data)
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate the compression ratio of the trained tokenizer against GPT-2 and GPT-4")
     parser.parse_args(argv)
@@ -198,7 +192,7 @@ def main(argv=None):
     print(f"Ours: {vocab_sizes['ours']}")
     print_comparison("GPT-2", results['gpt2'], results['ours'], all_text)
     print_comparison("GPT-4", results['gpt4'], results['ours'], all_text)
-    _log_report("Tokenizer evaluation", [report_markdown(results, all_text)])
+    get_report().log(section="Tokenizer evaluation", data=[report_markdown(results, all_text)])
     return results
 
 if is_main(__name__):

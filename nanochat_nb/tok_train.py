@@ -7,7 +7,6 @@ __all__ = ['SANITY_TEXT', 'text_iterator', 'main']
 
 # %% ../nbs/01a_tok_train.ipynb #c79f2bd4
 import argparse
-import importlib.util
 import os
 import time
 
@@ -15,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .common import atomic_write, get_base_dir, is_main
+from .report import get_report
 from .tokenizer import TRAINERS, compute_token_bytes, train_tokenizer
 
 # %% ../nbs/01a_tok_train.ipynb #5ff53309
@@ -38,13 +38,6 @@ Numbers: 123, 4567, 89
 Contractions: I'm, you're, it's
 Special chars: @#$%^&*()
 Unicode: 你好世界 🌍"""
-
-def _log_report(section, data):
-    "Log to the run report if the report module exists (it is written by another chapter)."
-    if importlib.util.find_spec("nanochat_nb.report") is None:
-        return
-    from nanochat_nb.report import get_report
-    get_report().log(section=section, data=data)
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Train a BPE tokenizer')
@@ -101,7 +94,7 @@ def main(argv=None):
     print(f"num_special_tokens: {num_special_tokens}")
     for k, v in stats.items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
-    _log_report("Tokenizer training", [vars(args), {"train_time": train_time}, {"num_special_tokens": num_special_tokens}, stats])
+    get_report().log(section="Tokenizer training", data=[vars(args), {"train_time": train_time}, {"num_special_tokens": num_special_tokens}, stats])
     return tokenizer
 
 if is_main(__name__):
