@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from nanochat_nb.common import COMPUTE_DTYPE
-from nanochat_nb.gpt import (GPT, GPTConfig, Linear, apply_rotary_emb, build_model_meta, config_for_depth, has_ve, norm)
+from nanochat_nb.gpt import (GPT, GPTConfig, Linear, apply_rotary_emb, build_model_meta, config_for_depth, has_ve, norm,
+                             softcap_cross_entropy)
 from nanochat_nb import fp8
 from tests.conftest import REPO
 
@@ -329,6 +330,113 @@ def test_loss_mean_none_and_ignore_index():
     assert per_tok.shape == (24,) and (per_tok.view(2, 12)[0, :5] == 0).all()
     torch.testing.assert_close(per_tok[keep.view(-1)], nll)
     torch.testing.assert_close(model(idx, targets=tgt, loss_reduction="sum"), nll.sum())
+
+
+# ---------------------------------------------------------------- the chunked head + soft-cap + cross-entropy
+
+def reference_softcap_ce(x, weight, targets, V, reduction, softcap=15):
+    "Independent restatement: full logits, tanh soft-cap, log-softmax, pick the target, drop ignored rows."
+    s = softcap * torch.tanh((x.float() @ weight.float().t())[:, :V] / softcap)
+    nll = -(s - s.logsumexp(-1, keepdim=True)).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    nll = torch.where(targets == -1, 0.0, nll)
+    return {"none": nll, "sum": nll.sum(), "mean": nll.sum() / (targets != -1).sum()}[reduction]
+
+
+def loss_and_grads(fn, x, w, upstream):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    loss = fn(x, w)
+    (loss * upstream[:loss.numel()].view(loss.shape)).sum().backward()
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 45, 1000])
+def test_chunked_loss_equals_plain_fp32(reduction, chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    N, C, V, Vpad = 45, 24, 300, 320
+    x, w = torch.randn(N, C, generator=g), torch.randn(Vpad, C, generator=g) * 0.6  # logits up to ~10: the cap matters
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::4] = -1
+    upstream = torch.rand(N, generator=g) + 0.5
+    got = loss_and_grads(lambda x, w: softcap_cross_entropy(x, w, t, V, reduction=reduction, chunk_rows=chunk_rows), x, w, upstream)
+    ref = loss_and_grads(lambda x, w: reference_softcap_ce(x, w, t, V, reduction), x, w, upstream)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (got[2][V:] == 0).all() and (got[1][::4] == 0).all()  # padded rows, ignored targets: no gradient
+    with torch.no_grad():  # the forward-only path (evaluation)
+        torch.testing.assert_close(softcap_cross_entropy(x, w, t, V, reduction=reduction, chunk_rows=chunk_rows), ref[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_loss_bf16_within_rounding_of_plain(reduction):
+    "In bf16 both paths round; against an fp32 reference on the same bf16 inputs the chunked error is no larger."
+    g = torch.Generator().manual_seed(1)
+    N, C, V = 64, 32, 512
+    x, w = torch.randn(N, C, generator=g).bfloat16(), torch.randn(V, C, generator=g) * 0.4
+    t = torch.randint(0, V, (N,), generator=g)
+    t[:9] = -1
+    upstream = torch.rand(N, generator=g) + 0.5
+    def plain(x, w):
+        logits = F.linear(x, w.to(x.dtype)).float()
+        return F.cross_entropy(15 * torch.tanh(logits / 15), t, ignore_index=-1, reduction=reduction)
+    chunked = loss_and_grads(lambda x, w: softcap_cross_entropy(x, w, t, V, reduction=reduction, chunk_rows=10), x, w, upstream)
+    plain_ = loss_and_grads(plain, x, w, upstream)
+    exact = loss_and_grads(lambda x, w: reference_softcap_ce(x, w, t, V, reduction), x.float(), w.bfloat16().float(), upstream)
+    assert chunked[1].dtype == torch.bfloat16 and chunked[2].dtype == torch.float32
+    for c, p, e in zip(chunked, plain_, exact):
+        err_c, err_p = (c.float() - e).abs().max().item(), (p.float() - e).abs().max().item()
+        assert err_c <= 2 * err_p + 1e-2 * e.abs().max().item(), (err_c, err_p)
+
+
+def test_model_chunked_loss_matches_plain_path_and_modes():
+    model = make_model(seed=8)
+    perturb_scalars(model)
+    idx = torch.randint(0, 100, (3, 20))
+    tgt = torch.where(torch.rand(3, 20) < 0.2, -1, torch.randint(0, 100, (3, 20)))
+    for reduction in ["mean", "sum", "none"]:
+        res = []
+        for mode in ["0", "13"]:  # plain; 13 rows per chunk (60 rows: an uneven last chunk)
+            model.chunked_loss = mode
+            model.zero_grad(set_to_none=True)
+            loss = model(idx, targets=tgt, loss_reduction=reduction)
+            (loss * torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)).sum().backward()
+            res.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+        for a, b in zip(*res):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+    model.chunked_loss = None
+    assert model.loss_chunk_rows("cpu") == 2**22 // 100 and model.loss_chunk_rows("cuda") == 0  # auto
+    model.chunked_loss = "1"
+    assert model.loss_chunk_rows("cuda") == 2**22 // 100
+    model.chunked_loss = "sometimes"
+    with pytest.raises(ValueError, match="NANOCHAT_CHUNKED_LOSS"):
+        model(idx, targets=tgt)
+    with pytest.raises(ValueError, match="reduction"):
+        softcap_cross_entropy(torch.randn(2, 4), torch.randn(8, 4), torch.zeros(2, dtype=torch.long), 8, reduction="avg")
+
+
+def test_chunked_loss_never_holds_the_full_logits():
+    "Record every tensor the loss creates (a dispatch mode): the plain path makes (N, V) ones, the chunked path not."
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor):
+                    Largest.largest = max(Largest.largest, o.numel())
+            return out
+    N, C, V = 256, 16, 1024
+    x, w = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    sizes = {}
+    for name, fn in [("plain", lambda: F.cross_entropy(15 * torch.tanh(F.linear(x, w) / 15), t)),
+                     ("chunked", lambda: softcap_cross_entropy(x, w, t, V, chunk_rows=32))]:
+        Largest.largest = 0
+        with Largest():
+            fn().backward()
+        sizes[name] = Largest.largest
+    assert sizes["plain"] >= N * V and sizes["chunked"] <= 32 * V, sizes
 
 
 # ---------------------------------------------------------------- KV cache
