@@ -184,12 +184,13 @@ def _bwrap_argv(bwrap, script_fd, scratch_bytes=None, has_size=False):
             argv += ["--ro-bind", d, d]
     for f in ("/etc/ld.so.cache", "/etc/localtime"):
         argv += [*_parent_dirs(f), "--ro-bind-try", f, f]
-    for d in _python_dirs():
-        argv += [*_parent_dirs(d), "--ro-bind", d, d]
     argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777"]
     if has_size and scratch_bytes is not None:
         argv += ["--size", str(scratch_bytes)]
-    argv += ["--tmpfs", "/tmp", "--chdir", "/tmp", *_parent_dirs(_SANDBOX_SCRIPT),
+    argv += ["--tmpfs", "/tmp"]
+    for d in _python_dirs():  # after the tmpfs, so a venv under /tmp stays visible
+        argv += [*_parent_dirs(d), "--ro-bind", d, d]
+    argv += ["--chdir", "/tmp", *_parent_dirs(_SANDBOX_SCRIPT),
              "--perms", "0444", "--ro-bind-data", str(script_fd), _SANDBOX_SCRIPT,
              "--remount-ro", "/dev", "--remount-ro", "/", "--"]  # the root and /dev tmpfs: memory nobody capped
     return argv
