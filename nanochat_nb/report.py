@@ -93,9 +93,9 @@ def _bloat_files(root):
     tracked = run_command(["git", "ls-files", "--", *BLOAT_DIRS], cwd=root)
     if tracked:
         files = tracked.splitlines()
-    else:  # not a git checkout (e.g. an unpacked source tree): walk the folders
+    else:  # not a git checkout: walk the folders (only the package's own when installed without the sources)
         files = []
-        for d in BLOAT_DIRS:
+        for d in BLOAT_DIRS if os.path.isdir(os.path.join(root, "nbs")) else ("nanochat_nb",):
             for dirpath, dirnames, filenames in os.walk(os.path.join(root, d)):
                 dirnames[:] = [x for x in dirnames if not x.startswith(".") and x != "__pycache__"]
                 files += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames]

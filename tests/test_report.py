@@ -178,6 +178,14 @@ def test_bloat_counts_git_tracked_files_and_notebook_sources(tmp_path):
     assert info["dirty"] is True and info["message"] == "init" and len(info["commit"]) >= 7
 
 
+def test_bloat_of_an_installed_package_counts_only_the_package(tmp_path):
+    # site-packages: no git, no nbs/, and a `tests` folder that belongs to some other distribution
+    (tmp_path / "nanochat_nb").mkdir(); (tmp_path / "tests").mkdir()
+    (tmp_path / "nanochat_nb" / "m.py").write_text("a = 1\n")
+    (tmp_path / "tests" / "other.py").write_text("someone else's\n")
+    assert get_bloat_info(str(tmp_path))["files"] == 1 and get_bloat_info(str(tmp_path))["chars"] == 6
+
+
 def test_figures_written_and_linked(base_dir, tmp_path, monkeypatch):
     from matplotlib.image import imread
     monkeypatch.chdir(tmp_path)
