@@ -483,15 +483,19 @@ def write_identity_conversations(path, n=1000, seed=0):
 # %% ../nbs/13a_synthetic.ipynb #20c188cd
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
+def _evaluate(node, num, expr):
+    "Evaluate a parsed arithmetic expression, turning each literal into a number with `num`."
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_evaluate(node.left, num, expr), _evaluate(node.right, num, expr))
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float): return num(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub): return -_evaluate(node.operand, num, expr)
+    raise ValueError(f"exact_value: {expr!r} is not plain arithmetic ({type(node).__name__})")
+
+def _exact(v): return Fraction(v) if type(v) is int else Fraction(repr(v))  # 2.5 -> 5/2, 0.1 -> 1/10 (not the float's binary value)
+
 def exact_value(expr):
     "The exact value (a Fraction) of an arithmetic expression of numbers, + - * / and parentheses."
-    def ev(node):
-        if isinstance(node, ast.Expression): return ev(node.body)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS: return _OPS[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub): return -ev(node.operand)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float): return Fraction(repr(node.value))
-        raise ValueError(f"exact_value: {expr!r} is not plain arithmetic ({type(node).__name__})")
-    return ev(ast.parse(expr, mode="eval"))
+    return _evaluate(ast.parse(expr, mode="eval").body, _exact, expr)
 
 def format_number(x):
     "A Fraction with at most two decimal places as GSM8K writes it: `24`, `7.5`, `0.25`."
@@ -517,9 +521,11 @@ class Solution:
     def __init__(self): self.lines, self.steps = [], []
     def calc(self, expr, money=False, decimals=False):
         expr = expr.replace(" ", "")
-        value = exact_value(expr)
+        tree = ast.parse(expr, mode="eval").body
+        value = _evaluate(tree, _exact, expr)
         if value < 0 or (value.denominator != 1 and not (decimals and (value * 100).denominator == 1)): raise _Redraw
-        if eval(expr, {"__builtins__": {}}) != float(value): raise _Redraw  # what the calculator would say
+        # the calculator evaluates in floats: the same operations on Python numbers must give the same value
+        if _evaluate(tree, lambda v: v, expr) != float(value): raise _Redraw
         step = Step(expr, value, money); self.steps.append(step)
         return step
     def say(self, line): self.lines.append(line)
@@ -538,7 +544,7 @@ _PRONOUNS = {"she": ("she", "her", "her"), "he": ("he", "him", "his")}
 
 def _person(rng, exclude=()):
     "A name and its pronouns (subject, object, possessive)."
-    name, p = rng.choice([x for x in _NAMES if x[0] not in exclude])
+    name, p = rng.choice([x for x in _NAMES if x[0] not in exclude] if exclude else _NAMES)
     return (name, *_PRONOUNS[p])
 
 def _cap(s): return s[0].upper() + s[1:]
