@@ -184,7 +184,7 @@ def get_parser():
     parser.add_argument("-t", "--temperature", type=float, default=0.0)
     parser.add_argument("-m", "--max-new-tokens", type=int, default=512)
     parser.add_argument("-n", "--num-samples", type=int, default=1)
-    parser.add_argument("-k", "--top-k", type=int, default=50)
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="Top-k sampling (0 = no top-k)")
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="Batch size for categorical evaluation")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="Model tag to load")
     parser.add_argument("-s", "--step", type=int, default=None, help="Step to load")
@@ -231,6 +231,7 @@ def _run(args, task_names, rank, world_size, device):
         print(f"chat_eval: there is no '{args.source}' checkpoint to evaluate.\n{e}", file=sys.stderr)
         raise SystemExit(1)
     engine = Engine(model, tokenizer)
+    print0(f"Evaluating {args.source} model {model_tag} step {step} on {', '.join(task_names)} ({world_size} rank(s))")
 
     results, t0 = {}, time.time()
     for task_name in task_names:
@@ -255,7 +256,7 @@ def _run(args, task_names, rank, world_size, device):
             from nanochat_nb.report import get_report
         except ImportError:
             get_report = None
-        if get_report is not None:
+        if get_report is not None and args.source != "base":  # the report has chat-eval sections for sft and rl only
             get_report().log(section="Chat evaluation " + args.source, data=[vars(args), results, chatcore_metric_dict])
     return record
 
