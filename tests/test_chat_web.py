@@ -354,15 +354,14 @@ def test_concurrent_streams_complete_and_return_every_worker(tok, model):
         for t in threads: t.join(timeout=300)
         assert not errors, errors
         assert len(results) == 12
-        gpus = set()
         for seed, (text, used) in results.items():
-            gpus |= used
+            assert used <= {0, 1}
             if text is not None:
                 assert text == reference(model, tok, prompt, seed=seed, **kw)[0][0], seed
-        assert gpus == {0, 1}, "both workers served"
         wait_until(lambda: httpx.get(url + "/stats").json()["available_workers"] == 2, "both workers")
         stats = httpx.get(url + "/stats").json()
         assert sum(w["requests"] for w in stats["workers"]) == 12 and stats["busy_workers"] == 0
+        assert all(w["requests"] > 0 for w in stats["workers"]), "six clients at once: both workers served"
 
 
 # ---------------------------------------------------------------- the command line and the package data
