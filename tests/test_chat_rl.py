@@ -354,8 +354,9 @@ def test_resume_continues_where_it_stopped(rl_base):
     optim = torch.load(os.path.join(d, "optim_000002_rank0.pt"))
     assert all(torch.equal(a, b) for sa, sb in zip(optim["state"].values(), final_optim["state"].values())
                for a, b in zip(sa.values(), sb.values()) if torch.is_tensor(a))
-    _, out = run_main([*flags, "--resume"])
+    _, out = run_main([*flags, "--resume", "--num-samples=16"])
     assert "nothing left to train" in out and "Average reward" not in out
+    assert "flags differ from the checkpoint's (saved, now): {'num_samples': (8, 16)}" in out
     # without --resume an existing run is not continued silently
     _, out = run_main([*flags, "--eval-every=-1", "--save-every=-1"])
     assert "already holds RL checkpoints (last step 2); starting over" in out
