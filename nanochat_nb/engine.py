@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import COMPUTE_DTYPE, autodetect_device_type, compute_init, is_main
+from .gpt import inference_weights
 
 # %% ../nbs/11_engine.ipynb #3bf809b0
 class _CalculatorTimeout(Exception): pass
@@ -170,63 +171,64 @@ class Engine:
         assistant_end = get_special("<|assistant_end|>")  # the model ends its turn
         bos = self.tokenizer.get_bos_token_id()  # a base model may start a new document instead
 
-        # 1) prefill the prompt once, with batch 1
-        m = self.model.config
-        kv_model_kwargs = {"num_heads": m.n_kv_head, "head_dim": m.n_embd // m.n_head, "num_layers": m.n_layer}
-        kv_cache_prefill = KVCache(batch_size=1, seq_len=len(tokens), device=device, dtype=COMPUTE_DTYPE, **kv_model_kwargs)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model.forward(ids, kv_cache=kv_cache_prefill)
-        logits = logits[:, -1, :].expand(num_samples, -1)  # (num_samples, V)
+        with inference_weights(self.model):  # weights in the compute dtype once, not cast again at every token
+            # 1) prefill the prompt once, with batch 1
+            m = self.model.config
+            kv_model_kwargs = {"num_heads": m.n_kv_head, "head_dim": m.n_embd // m.n_head, "num_layers": m.n_layer}
+            kv_cache_prefill = KVCache(batch_size=1, seq_len=len(tokens), device=device, dtype=COMPUTE_DTYPE, **kv_model_kwargs)
+            ids = torch.tensor([tokens], dtype=torch.long, device=device)
+            logits = self.model.forward(ids, kv_cache=kv_cache_prefill)
+            logits = logits[:, -1, :].expand(num_samples, -1)  # (num_samples, V)
 
-        # 2) replicate the prompt's cache into a cache for every sample
-        kv_length_hint = (len(tokens) + max_tokens) if max_tokens is not None else max(m.sequence_len, len(tokens) + 1)
-        kv_cache_decode = KVCache(batch_size=num_samples, seq_len=kv_length_hint, device=device, dtype=COMPUTE_DTYPE,
-                                  **kv_model_kwargs)
-        kv_cache_decode.prefill(kv_cache_prefill)
-        del kv_cache_prefill
+            # 2) replicate the prompt's cache into a cache for every sample
+            kv_length_hint = (len(tokens) + max_tokens) if max_tokens is not None else max(m.sequence_len, len(tokens) + 1)
+            kv_cache_decode = KVCache(batch_size=num_samples, seq_len=kv_length_hint, device=device, dtype=COMPUTE_DTYPE,
+                                      **kv_model_kwargs)
+            kv_cache_decode.prefill(kv_cache_prefill)
+            del kv_cache_prefill
 
-        # 3) decode, one column per step
-        row_states = [RowState(tokens.copy()) for _ in range(num_samples)]
-        num_generated = 0
-        while True:
-            next_ids = sample_next_token(logits, rng, temperature, top_k)  # (B, 1)
-            sampled_tokens = next_ids[:, 0].tolist()
-            token_column, token_masks = [], []
-            for i, state in enumerate(row_states):
-                is_forced = len(state.forced_tokens) > 0
-                token_masks.append(0 if is_forced else 1)
-                next_token = state.forced_tokens.popleft() if is_forced else sampled_tokens[i]
-                token_column.append(next_token)
-                state.current_tokens.append(next_token)
-                if next_token == assistant_end or next_token == bos:
-                    state.completed = True
-                # the tool: <|python_start|> expr <|python_end|> -> force <|output_start|> result <|output_end|>
-                if next_token == python_start:
-                    state.in_python_block = True
-                    state.python_expr_tokens = []
-                elif next_token == python_end and state.in_python_block:
-                    state.in_python_block = False
-                    if state.python_expr_tokens:
-                        expr = self.tokenizer.decode(state.python_expr_tokens)
-                        result = use_calculator(expr)
-                        if result is not None:
-                            result_tokens = self.tokenizer.encode(str(result))
-                            state.forced_tokens.append(output_start)
-                            state.forced_tokens.extend(result_tokens)
-                            state.forced_tokens.append(output_end)
-                    state.python_expr_tokens = []
-                elif state.in_python_block:
-                    state.python_expr_tokens.append(next_token)
-            yield token_column, token_masks
-            num_generated += 1
-            if max_tokens is not None and num_generated >= max_tokens:
-                break
-            if all(state.completed for state in row_states):
-                break
-            if kv_cache_decode.get_pos() >= kv_cache_decode.max_seq_len:
-                break  # the cache is full (only without max_tokens)
-            ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = self.model.forward(ids, kv_cache=kv_cache_decode)[:, -1, :]  # (B, V)
+            # 3) decode, one column per step
+            row_states = [RowState(tokens.copy()) for _ in range(num_samples)]
+            num_generated = 0
+            while True:
+                next_ids = sample_next_token(logits, rng, temperature, top_k)  # (B, 1)
+                sampled_tokens = next_ids[:, 0].tolist()
+                token_column, token_masks = [], []
+                for i, state in enumerate(row_states):
+                    is_forced = len(state.forced_tokens) > 0
+                    token_masks.append(0 if is_forced else 1)
+                    next_token = state.forced_tokens.popleft() if is_forced else sampled_tokens[i]
+                    token_column.append(next_token)
+                    state.current_tokens.append(next_token)
+                    if next_token == assistant_end or next_token == bos:
+                        state.completed = True
+                    # the tool: <|python_start|> expr <|python_end|> -> force <|output_start|> result <|output_end|>
+                    if next_token == python_start:
+                        state.in_python_block = True
+                        state.python_expr_tokens = []
+                    elif next_token == python_end and state.in_python_block:
+                        state.in_python_block = False
+                        if state.python_expr_tokens:
+                            expr = self.tokenizer.decode(state.python_expr_tokens)
+                            result = use_calculator(expr)
+                            if result is not None:
+                                result_tokens = self.tokenizer.encode(str(result))
+                                state.forced_tokens.append(output_start)
+                                state.forced_tokens.extend(result_tokens)
+                                state.forced_tokens.append(output_end)
+                        state.python_expr_tokens = []
+                    elif state.in_python_block:
+                        state.python_expr_tokens.append(next_token)
+                yield token_column, token_masks
+                num_generated += 1
+                if max_tokens is not None and num_generated >= max_tokens:
+                    break
+                if all(state.completed for state in row_states):
+                    break
+                if kv_cache_decode.get_pos() >= kv_cache_decode.max_seq_len:
+                    break  # the cache is full (only without max_tokens)
+                ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
+                logits = self.model.forward(ids, kv_cache=kv_cache_decode)[:, -1, :]  # (B, V)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         "Non-streaming generate: (results, masks), the prompt plus each row's tokens up to (excluding) its end token."

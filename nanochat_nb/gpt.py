@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['CHUNKED_LOSS', 'GPTConfig', 'config_for_depth', 'norm', 'Linear', 'has_ve', 'apply_rotary_emb', 'CausalSelfAttention',
-           'MLP', 'Block', 'GPT', 'SoftcapCrossEntropy', 'softcap_cross_entropy', 'build_model_meta']
+           'MLP', 'Block', 'GPT', 'SoftcapCrossEntropy', 'softcap_cross_entropy', 'build_model_meta',
+           'inference_weights']
 
 # %% ../nbs/05_gpt.ipynb #ec30d70a
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 
 import torch
@@ -47,7 +49,13 @@ def norm(x):
 
 class Linear(nn.Linear):
     "nn.Linear whose weight is cast to the input's dtype in forward (fp32 masters, matmul in the activation dtype)."
+    _held = None  # ((dtype, weight version), weight in dtype) while `inference_weights` holds a copy
+
     def forward(self, x):
+        held = self._held
+        if (held is not None and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                and held[0] == (x.dtype, self.weight._version)):
+            return F.linear(x, held[1])
         return F.linear(x, self.weight.to(dtype=x.dtype))
 
 def has_ve(layer_idx, n_layer):
@@ -531,6 +539,24 @@ GPT.optimizer_param_groups = _optimizer_param_groups
 GPT.setup_optimizer = _setup_optimizer
 
 # %% ../nbs/05_gpt.ipynb #7c9ae36b
+@contextmanager
+def inference_weights(model, dtype=None):
+    "Within the block, no-grad forwards of `model` use its Linear weights held in `dtype` (default COMPUTE_DTYPE)."
+    dtype = dtype or COMPUTE_DTYPE
+    held = []
+    if isinstance(model, nn.Module):
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, Linear) and m.weight.dtype != dtype and "_held" not in m.__dict__:  # nesting: outermost wins
+                    m._held = ((dtype, m.weight._version), m.weight.detach().to(dtype))
+                    held.append(m)
+    try:
+        yield model
+    finally:
+        for m in held:
+            del m._held
+
+# %% ../nbs/05_gpt.ipynb #defce749
 @torch.inference_mode()
 def _generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
     "Yield `max_tokens` sampled token ids continuing the list `tokens` (batch 1, no KV cache)."
@@ -542,17 +568,18 @@ def _generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    for _ in range(max_tokens):
-        logits = self.forward(ids)[:, -1, :]
-        if top_k is not None and top_k > 0:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float('Inf')
-        if temperature > 0:
-            probs = F.softmax(logits / temperature, dim=-1)
-            next_ids = torch.multinomial(probs, num_samples=1, generator=rng)
-        else:
-            next_ids = torch.argmax(logits, dim=-1, keepdim=True)
-        ids = torch.cat((ids, next_ids), dim=1)
-        yield next_ids.item()
+    with inference_weights(self):  # no per-token cast of the fp32 masters
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k > 0:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_ids = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_ids = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat((ids, next_ids), dim=1)
+            yield next_ids.item()
 
 GPT.generate = _generate

@@ -256,6 +256,58 @@ print("OK", [c[0] for c, _ in cols] == naive)
     assert "OK" in proc.stdout
 
 
+def test_engine_holds_weights_in_compute_dtype_bf16():
+    """Issue 17: while the Engine generates, every Linear uses a bf16 copy made once (no per-token cast); the tokens
+    and logits are those of the per-call-cast model; the fp32 masters are untouched and training afterwards works."""
+    code = r"""
+import torch
+import torch.nn.functional as F
+import nanochat_nb.gpt as G
+from nanochat_nb.engine import Engine, KVCache
+from tests.test_engine import tiny_gpt, TOK, PROMPT
+assert G.COMPUTE_DTYPE == torch.bfloat16
+model = tiny_gpt(0)
+linears = [m for m in model.modules() if isinstance(m, G.Linear)]
+masters = [m.weight.detach().clone() for m in linears]
+ptrs = {m.weight.data_ptr() for m in linears}
+casts = []
+real_to = torch.Tensor.to
+def counting_to(self, *a, **k):  # count casts of fp32 weights to bf16 made inside Linear.forward
+    if self.dtype == torch.float32 and self.dim() == 2 and self.data_ptr() in ptrs:
+        casts.append(1)
+    return real_to(self, *a, **k)
+torch.Tensor.to = counting_to
+gen = Engine(model, TOK).generate(PROMPT, num_samples=3, max_tokens=12, temperature=0.0)
+first = next(gen)
+assert all(m._held[1].dtype == torch.bfloat16 for m in linears)  # held while generating
+held_casts = len(casts)
+cols = [first] + list(gen)
+assert len(casts) == held_casts == len(linears), (len(casts), held_casts, len(linears))  # one cast each, at entry
+assert all(m._held is None for m in linears)  # released at the end
+# the reference: decode with a per-call cast (outside inference_weights), greedy
+c = model.config
+with torch.inference_mode():
+    cache = KVCache(batch_size=1, num_heads=c.n_kv_head, seq_len=len(PROMPT) + 12, head_dim=c.n_embd // c.n_head,
+                    num_layers=c.n_layer, device="cpu")
+    logits = model(torch.tensor([PROMPT]), kv_cache=cache)[:, -1]
+    ref = []
+    for _ in range(12):
+        ref.append(int(logits.argmax(-1)))
+        logits = model(torch.tensor([[ref[-1]]]), kv_cache=cache)[:, -1]
+torch.Tensor.to = real_to
+assert all(col == [r] * 3 for (col, _), r in zip(cols, ref)), (cols, ref)
+assert all(torch.equal(m.weight, w) and m.weight.dtype == torch.float32 for m, w in zip(linears, masters))
+model.train()
+loss = model(torch.tensor([PROMPT[:-1]]), targets=torch.tensor([PROMPT[1:]]))
+loss.backward()
+assert all(m.weight.grad is not None and m.weight.grad.dtype == torch.float32 for m in linears)
+print("OK")
+"""
+    env = {**os.environ, "NANOCHAT_DTYPE": "bfloat16"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- the seed's mock-model tests
 
 def test_multi_sample_first_token_diversity():
