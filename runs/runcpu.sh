@@ -28,7 +28,8 @@ echo "=== runcpu: artifacts in $NANOCHAT_BASE_DIR"
 SECONDS=0
 
 # -----------------------------------------------------------------------------
-# 1. Pretraining corpus (offline: Shakespeare + the Python docs and stdlib source, shuffled into parquet shards)
+# 1. Pretraining corpus (offline: English prose from pip/npm/Debian packages + the Python stdlib source, checked
+#    against the evaluation sets and shuffled into parquet shards)
 if ls "$NANOCHAT_BASE_DIR"/base_data_climbmix/*.parquet >/dev/null 2>&1; then
   echo "=== [1/4] corpus: found $(ls "$NANOCHAT_BASE_DIR"/base_data_climbmix/*.parquet | wc -l) shards, skipping"
 else
