@@ -91,7 +91,7 @@ class ChatWidget(widgets.VBox):
         self.messages, self.error = [], None
         self._thread, self._cancel = None, threading.Event()
         self.conversation = widgets.HTML(render_html([]))
-        self.text = widgets.Textarea(placeholder="Ask anything", layout=widgets.Layout(width="100%", height="4em"))
+        self.text = widgets.Textarea(placeholder="Ask anything", layout=widgets.Layout(width="auto", height="4em"))
         self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = widgets.Button(description="Stop", icon="stop", disabled=True)
         self.clear_button = widgets.Button(description="Clear", icon="trash")

@@ -1,7 +1,14 @@
 """ChatWidget driven through its controls in Python (set the text, click the buttons, move the sliders), checked
 against Engine.generate_batch and the rendered conversation; tool calls from a scripted model; stop and clear."""
 import html
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
+
+import httpx
 
 import pytest
 import torch
@@ -9,6 +16,7 @@ import torch
 from nanochat_nb.chat_widget import ChatWidget
 from nanochat_nb.engine import Engine
 from tests.test_chat_cli import save_byte_tokenizer, save_tiny_model
+from tests.conftest import REPO
 from tests.test_chat_web import NeverEnds
 from tests.test_engine import ScriptedModel, tiny_gpt
 
@@ -133,3 +141,84 @@ def test_loads_a_checkpoint(base_dir, tok):
         ChatWidget(model)
     with pytest.raises(FileNotFoundError, match="Train one first"):
         ChatWidget(source="rl", device="cpu")
+
+
+# ---------------------------------------------------------------- rendered in JupyterLab, driven in headless Chromium
+
+LAB_CELL = '''
+import logging; logging.disable(logging.INFO)  # no tokenizer-training log above the widget
+import torch
+from nanochat_nb.chat_widget import ChatWidget
+from nanochat_nb.tokenizer import RustBPETokenizer
+from tests.test_engine import tiny_gpt
+from tests.test_web_ui import Paced
+tok = RustBPETokenizer.train_from_iterator(iter(["hello world"] * 4), 265)
+ChatWidget(Paced(tiny_gpt(seed=1), tok, delay=0.01), tok, seed=3)
+'''
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="needs Debian's chromium and chromium-driver")
+def test_widget_in_jupyterlab(tmp_path):
+    import nbformat
+    from selenium.webdriver.common.by import By
+    from tests.test_chat_web import free_port
+    from tests.test_web_ui import LENGTH, Paced, chromium, wait_for
+    from nanochat_nb.tokenizer import RustBPETokenizer
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(LAB_CELL.strip())])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "chat.ipynb")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": REPO, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "OMP_NUM_THREADS": "1"}
+    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+                            "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={tmp_path}",
+                            f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", "--LabApp.expose_app_in_browser=True",
+                            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--allow-root"],
+                           env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    d = chromium()
+    d.set_window_size(1200, 1100)
+    try:
+        def up():
+            assert lab.poll() is None, lab.stdout.read()
+            try:
+                return httpx.get(url + "/api/status").status_code == 200
+            except httpx.TransportError:
+                return False
+        wait_for(up, "JupyterLab to start", timeout=120)
+        d.get(url + "/lab/tree/chat.ipynb")
+        kernel_idle = """const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+            const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+            return !!k && k.status === 'idle';"""
+        wait_for(lambda: d.execute_script(kernel_idle), "the kernel", timeout=120)
+        d.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        box = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, ".widget-textarea textarea"), "the widget", 120)[0]
+        box.send_keys("hello")
+        send = [b for b in d.find_elements(By.CSS_SELECTOR, "button.widget-button") if "Send" in b.text][0]
+        wait_for(lambda: send.is_enabled(), "the Send button")
+        send.click()
+        # read in one script: each redraw replaces the conversation's elements
+        texts = lambda css: d.execute_script(f"return Array.from(document.querySelectorAll('.nanochat-conversation "
+                                             f"{css}')).map(e => e.innerText).join('|')")
+        answer = lambda: texts(".assistant")
+        wait_for(lambda: len(answer()) == LENGTH, "the streamed answer", timeout=120)
+        idle = "return !document.querySelector('.jp-OutputArea').innerText.includes('writing...')"
+        wait_for(lambda: send.is_enabled() and d.execute_script(idle), "the end of the answer")
+        d.save_screenshot(str(tmp_path / "widget_in_jupyterlab.png"))
+        print(f"\nscreenshot: {tmp_path / 'widget_in_jupyterlab.png'}")
+        user = texts(".user")
+        # the answer in the page is the Engine's for the widget's seed (same model, same tokenizer, same dtype)
+        tok = RustBPETokenizer.train_from_iterator(iter(["hello world"] * 4), 265)
+        model = Paced(tiny_gpt(seed=1), tok, delay=0.0)
+        prompt = [tok.get_bos_token_id(), *turn(tok, "user", "hello"), tok.encode_special("<|assistant_start|>")]
+        assert (user, answer()) == ("hello", reference(model, tok, prompt, max_tokens=512, temperature=0.6, top_k=50,
+                                                       seed=3))
+    finally:
+        d.quit()
+        for k in httpx.get(url + "/api/kernels").json() if lab.poll() is None else []:
+            httpx.delete(f"{url}/api/kernels/{k['id']}")
+        if lab.poll() is None:
+            os.killpg(lab.pid, signal.SIGTERM)
+        lab.communicate(timeout=60)

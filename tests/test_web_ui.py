@@ -57,8 +57,8 @@ class Recorder:
         return await self.app(scope, recording_receive, send)
 
 
-@pytest.fixture(scope="module")
-def browser():
+def chromium():
+    "Headless Debian Chromium under Selenium, with a fresh profile (removed when the driver quits)."
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
@@ -70,9 +70,19 @@ def browser():
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_script_timeout(30)
+    quit = driver.quit
+    def quit_and_clean():
+        quit()
+        shutil.rmtree(profile, ignore_errors=True)
+    driver.quit = quit_and_clean
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = chromium()
     yield driver
     driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 def wait_for(predicate, what, timeout=60):
