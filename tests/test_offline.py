@@ -340,3 +340,23 @@ def test_corpus_builder_drops_planted_eval_text(tmp_path):
     assert (d["dropped_docs"], s["sources"][f"dir:{src}"]["eval_overlaps"]) == (2, 2) and d["n"] == 13
     assert sorted(g.split()[0] for _, g in d["examples"]) == ["def", "problem"]
     assert s["kind_chars"] == {"prose": 0, "code": 0, "other": sum(map(len, clean))} and s["prose_share"] == 0
+
+
+def test_large_index_bitmap_screen_agrees_with_naive():
+    "Above 65,536 reference n-grams a bitmap screens candidates first: it must not lose a match."
+    import random
+    rng = random.Random(1)
+    vocab = [f"v{i}" for i in range(500)]
+    ref_words = [rng.choice(vocab) for _ in range(80_000)]
+    refs = [" ".join(ref_words[i:i + 1000]) for i in range(0, len(ref_words), 1000)]
+    texts = []
+    for k in range(60):
+        words = [rng.choice(vocab) for _ in range(rng.randrange(5, 200))]
+        if k % 3 == 0:  # plant a slice of the reference, sometimes shorter than n
+            at, m = rng.randrange(len(ref_words) - 30), rng.choice([5, 13, 20])
+            words[len(words) // 2:len(words) // 2] = ref_words[at:at + m]
+        texts.append(" ".join(words))
+    idx = NgramIndex(refs, n=5)
+    assert len(idx) > 1 << 16
+    got = idx.find(texts)
+    assert got == naive_overlaps(texts, refs, 5) and len(got) >= 20
