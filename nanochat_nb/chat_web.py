@@ -353,6 +353,16 @@ async def _json_body(request):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"The request body is not valid JSON: {e}")
 
+async def _unless_disconnected(request, coro, poll=0.25):
+    "Await `coro`, cancelled (-> None) if the client goes away first: Starlette cancels only streaming responses."
+    task = asyncio.ensure_future(coro)
+    while not (await asyncio.wait({task}, timeout=poll))[0]:
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+    return task.result()
+
 def _sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -448,14 +458,19 @@ def create_app(workers, model_id="nanochat", temperature=0.8, top_k=50, max_toke
         pool = request.app.state.pool
         if not req.stream:
             texts, reasons, counts, prompt_tokens = [""] * req.n, [None] * req.n, [0] * req.n, 0
-            async for item in stream_events(pool, req):
-                if item[0] == "prompt":
-                    prompt_tokens = item[1]
-                    continue
-                row, delta, reason, count = item
-                texts[row] += delta
-                if reason:
-                    reasons[row], counts[row] = reason, count
+            async def collect():
+                nonlocal prompt_tokens
+                async for item in stream_events(pool, req):
+                    if item[0] == "prompt":
+                        prompt_tokens = item[1]
+                        continue
+                    row, delta, reason, count = item
+                    texts[row] += delta
+                    if reason:
+                        reasons[row], counts[row] = reason, count
+                return True
+            if not await _unless_disconnected(request, collect()):
+                return JSONResponse({"error": {"message": "the client closed the request"}}, status_code=499)
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                         "finish_reason": reasons[i]} for i in range(req.n)]
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),

@@ -313,6 +313,12 @@ def test_health_during_a_stream_and_a_disconnect_frees_the_worker(tok, model):
             # leaving the `with` closed the connection: the generation stops and the worker comes back
             wait_until(lambda: httpx.get(url + "/stats").json()["available_workers"] == 1, "the worker")
             assert slow.forward_calls < 4096, "the generation ran on after the client left"
+        # a non-streaming request whose client gives up waiting frees its worker too
+        slow.forward_calls = 0
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        wait_until(lambda: httpx.get(url + "/stats").json()["available_workers"] == 1, "the worker")
+        assert 0 < slow.forward_calls < 4096, "the generation ran on after the client left"
         # the freed worker serves the next request in full
         r = ask(client(url), messages=HI, max_tokens=20, seed=1)
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 20
