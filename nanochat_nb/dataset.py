@@ -9,8 +9,8 @@ __all__ = ['BASE_URL', 'MAX_SHARD', 'DATA_DIRNAME', 'LEGACY_DATA_DIRNAME', 'DOWN
            'read_row_group_texts', 'parquets_iter_batched', 'download_single_file', 'download_shards',
            'source_shakespeare', 'source_stdlib_docs', 'source_stdlib_code', 'source_debian_docs', 'source_sotu',
            'source_dir', 'is_english', 'source_wikipedia', 'source_squad_shifts', 'source_moby_dick', 'brown_text',
-           'source_brown', 'source_python_docs', 'source_fortunes', 'osis_text', 'source_bible', 'split_document',
-           'build_offline_corpus', 'print_offline_summary', 'main']
+           'source_brown', 'source_python_docs', 'source_fortunes', 'osis_text', 'source_bible', 'r_character_vector',
+           'source_austen', 'split_document', 'build_offline_corpus', 'print_offline_summary', 'main']
 
 # %% ../nbs/02_dataset.ipynb #5446c5f0
 import argparse
@@ -178,7 +178,7 @@ def download_shards(num_files=-1, num_workers=4):
     return ok
 
 # %% ../nbs/02_dataset.ipynb #00106843
-DEFAULT_OFFLINE_SOURCES = ("shakespeare", "wikipedia", "squad_shifts", "sotu", "moby_dick", "brown", "bible", "python_docs",
+DEFAULT_OFFLINE_SOURCES = ("shakespeare", "austen", "wikipedia", "squad_shifts", "sotu", "moby_dick", "brown", "bible", "python_docs",
                            "fortunes", "stdlib_docs", "stdlib_code")
 OPTIONAL_OFFLINE_SOURCES = ("debian_docs", "dir:PATH")
 def _gutenberg_member(name):  # *_gut_f.txt (First Folio duplicates) do not end in _gut.txt
@@ -338,7 +338,29 @@ def source_bible(cache_dir):
             off, size, _ = struct.unpack("<III", bzs[i:i + 12])
             yield f"engWEB2015eb/{part}/{i // 12}", osis_text(zlib.decompress(bzz[off:off + size]).decode("utf-8", "replace"))
 
-_SOURCES = {"shakespeare": source_shakespeare, "wikipedia": source_wikipedia, "squad_shifts": source_squad_shifts,
+def r_character_vector(data):
+    "The strings of an R character vector in R's XDR serialisation (what `saveRDS`/lazy-load databases hold)."
+    if data[:2] != b"X\n": raise ValueError("not an R XDR serialisation")
+    be = lambda p: int.from_bytes(data[p:p + 4], "big", signed=True)
+    pos = 14 + (4 + be(14) if be(2) == 3 else 0)  # version 3 adds the native encoding's name
+    if be(pos) & 0xFF != 16: raise ValueError(f"not a character vector (SEXP type {be(pos) & 0xFF})")
+    out, pos = [], pos + 8
+    for _ in range(be(pos - 4)):
+        size = be(pos + 4); pos += 8  # each element: CHARSXP flags, length (-1 = NA), bytes
+        out.append("" if size < 0 else data[pos:pos + size].decode("utf-8", "replace")); pos += max(size, 0)
+    return out
+
+def source_austen(cache_dir):
+    "Jane Austen's six novels (Debian `r-cran-janeaustenr`): the R lazy-load database, one zlib blob a novel."
+    rdb = open_package("r-cran-janeaustenr", cache_dir).read("usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
+    pos = 0
+    while pos < len(rdb):  # each blob: 4-byte length, then a zlib stream; the next starts where it ends
+        z = zlib.decompressobj()
+        lines = r_character_vector(z.decompress(rdb[pos + 4:]))
+        pos = len(rdb) - len(z.unused_data)
+        yield f"janeaustenr/{lines[0].strip().lower().replace(' ', '_')}", "\n".join(lines)
+
+_SOURCES = {"shakespeare": source_shakespeare, "austen": source_austen, "wikipedia": source_wikipedia, "squad_shifts": source_squad_shifts,
             "sotu": source_sotu, "moby_dick": source_moby_dick, "brown": source_brown, "bible": source_bible,
             "python_docs": source_python_docs, "fortunes": source_fortunes, "stdlib_docs": source_stdlib_docs,
             "stdlib_code": source_stdlib_code, "debian_docs": source_debian_docs}

@@ -65,6 +65,8 @@ OFFLINE_PACKAGES = {
                            licence="PSF-2.0", what="the Python 3.11 manual (reST sources)"),
     "sword-text-web": dict(client="deb", spec="sword-text-web", file="sword-text-web_*_all.deb", size="4 MB deb",
                            licence="public domain (the text); GPL packaging", what="the World English Bible as a SWORD module"),
+    "r-cran-janeaustenr": dict(client="deb", spec="r-cran-janeaustenr", file="r-cran-janeaustenr_*_all.deb", size="1.6 MB deb",
+                               licence="MIT package, public-domain novels", what="Jane Austen's six novels (an R data package)"),
     "fortunes": dict(client="deb", spec="fortunes", file="fortunes_*_all.deb", size="0.8 MB deb", licence="BSD-like",
                      what="fortune cookies: quotes, jokes and poems"),
     # words

@@ -352,6 +352,14 @@ def prose_cache(tmp_path):
                                                  "usr/share/doc/python3.11/html/index.html": "<html>"})
     _deb(_cache_file(cache, "fortunes"), {"usr/share/games/fortunes/wisdom": "Be kind.\n%\nBe brief.\n\t-- someone\n%\n",
                                           "usr/share/games/fortunes/wisdom.dat": "\x00\x01", "usr/share/games/fortunes/ascii-art": "(o_o)"})
+    be = lambda i: struct.pack(">i", i)
+    def rds(lines, version):  # R's XDR serialisation of a character vector, written from the format description
+        head = b"X\n" + be(version) + be(0x040201) + be(0x030500) + (be(5) + b"UTF-8" if version == 3 else b"")
+        body = b"".join(be(9) + be(-1) if x is None else be(0x40009) + be(len(x.encode())) + x.encode() for x in lines)
+        raw = head + be(16) + be(len(lines)) + body
+        return be(len(raw)) + zlib.compress(raw)
+    _deb(_cache_file(cache, "r-cran-janeaustenr"), {"usr/lib/R/site-library/janeaustenr/data/Rdata.rdb":
+         rds(["EMMA", "", "By Jane Austen", None, "Emma Woodhouse, handsome, clever, and rich"], 3) + rds(["PERSUASION", "Sir Walter"], 2)})
     return cache
 
 
@@ -369,6 +377,8 @@ def test_prose_sources_read_their_packages(prose_cache):
     assert list(dataset.source_brown(c)) == [("package/ca01", 'The jury said "no".')]
     assert [t for _, t in dataset.source_bible(c)] == ["Genesis\n\nIn the beginning, God created.\n\nAnd so on."]
     assert list(dataset.source_python_docs(c)) == [("usr/share/doc/python3.11/html/_sources/tutorial/index.rst.txt", "The Tutorial\n====\n")]
+    assert list(dataset.source_austen(c)) == [("janeaustenr/emma", "EMMA\n\nBy Jane Austen\n\nEmma Woodhouse, handsome, clever, and rich"),
+                                              ("janeaustenr/persuasion", "PERSUASION\nSir Walter")]
     assert list(dataset.source_fortunes(c)) == [("usr/share/games/fortunes/wisdom", "Be kind.\n\nBe brief.\n\t-- someone")]
 
 
