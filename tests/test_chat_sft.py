@@ -52,6 +52,52 @@ def test_loader_packs_whole_conversations_and_pads_with_bos():
     assert len(seen) >= 30  # rows really are packed with several conversations
 
 
+def naive_sft_batches(tok, convs, B, T, rank=0, world=1, buffer_size=100, num_batches=5):
+    "An independent, plain-list re-implementation of the packing rules of fact sheet 14.1 (+ the crop/skip fix)."
+    cap, bos, out = T + 1, tok.get_bos_token_id(), []
+    cursor, buf = rank, []
+    def take():
+        nonlocal cursor
+        while True:
+            ids, mask = tok.render_conversation(convs[cursor], max_tokens=10**9)
+            cursor = (cursor + world) % len(convs)
+            ids, mask = ids[:cap], mask[:cap]
+            if 1 in mask[1:]: return ids, mask
+    for _ in range(num_batches):
+        xs, ys = [], []
+        for _ in range(B):
+            row, rmask = [], []
+            while True:
+                while len(buf) < buffer_size: buf.append(take())
+                fits = [i for i, (ids, _) in enumerate(buf) if len(ids) <= cap - len(row)]
+                if not fits: break
+                best = fits[0]
+                for i in fits:
+                    if len(buf[i][0]) > len(buf[best][0]): best = i
+                ids, mask = buf.pop(best)
+                row, rmask = row + ids, rmask + mask
+            n = len(row)
+            row, rmask = row + [bos] * (cap - n), rmask + [0] * (cap - n)
+            y = [t if m else -1 for t, m in zip(row[1:], rmask[1:])]
+            if n < cap: y[n - 1:] = [-1] * (cap - n)
+            xs.append(row[:-1]); ys.append(y)
+        out.append((xs, ys))
+    return out
+
+
+@pytest.mark.parametrize("rank,world,buffer_size", [(0, 1, 100), (1, 2, 7), (0, 3, 1)])
+def test_loader_equals_a_naive_implementation(rank, world, buffer_size):
+    tok = _byte_tok()
+    rng = random.Random(rank + world)
+    convs = [_conv("q" * rng.randint(1, 30), "a" * rng.choice([1, 5, 20, 80])) for _ in range(120)]  # some oversized
+    convs += [_conv("q" * 90, "a")] * 5  # nothing to learn within a row: skipped
+    rng.shuffle(convs)
+    gen = sft_data_generator(tok, convs, batch_size=3, max_seq_len=48, rank=rank, world_size=world, buffer_size=buffer_size)
+    for xs, ys in naive_sft_batches(tok, convs, 3, 48, rank, world, buffer_size, num_batches=8):
+        x, y, _ = next(gen)
+        assert x.tolist() == xs and y.tolist() == ys
+
+
 def test_loader_targets_follow_the_mask():
     tok = _byte_tok()
     conv = _conv("hello", "world")
@@ -176,12 +222,12 @@ def test_sft_inherits_learns_and_saves(sft_env, capsys):
 
 def test_sft_resume_is_exact(sft_env):
     args = ["--num-iterations=8", "--eval-every=-1", "--save-every=4", *FLAGS]
-    chat_sft.main(args)
+    first = chat_sft.main(args)
     d = os.path.join(sft_env, "chatsft_checkpoints", "d2")
     full = torch.load(os.path.join(d, "model_000008.pt"))
     os.remove(os.path.join(d, "model_000008.pt"))
     out = chat_sft.main(args + ["--resume-from-step=4"])
-    assert out["step"] == 8
+    assert out["step"] == 8 and out["train_losses"] == first["train_losses"]  # the identical loss sequence, 1..8
     resumed = torch.load(os.path.join(d, "model_000008.pt"))
     for k in full: assert torch.equal(full[k], resumed[k]), k
 
@@ -203,3 +249,49 @@ def test_sft_two_ranks_under_torchrun(sft_env):
     assert "starts FRESH" in proc.stdout  # the base optimizer was saved by one rank
     assert os.path.exists(os.path.join(sft_env, "chatsft_checkpoints", "d2", "model_000003.pt"))
     assert "Validation bpb" in proc.stdout
+
+
+def test_two_ranks_equal_one_process_accumulating(sft_env):
+    "2 gloo ranks x 1 micro-batch == one process accumulating the same two per-rank micro-batches."
+    steps = 2
+    run_torchrun(["-m", "nanochat_nb.chat_sft", f"--num-iterations={steps}", "--eval-every=-1", "--total-batch-size=256",
+                  "--load-optimizer=0", *FLAGS], nproc=2, env={"NANOCHAT_BASE_DIR": str(sft_env)})
+    ddp = torch.load(os.path.join(sft_env, "chatsft_checkpoints", "d2", f"model_{steps:06d}.pt"))
+    from nanochat_nb.checkpoint_manager import load_model
+    from nanochat_nb.tokenizer import get_tokenizer
+    model, tok, _ = load_model("base", "cpu", phase="train")
+    opt = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.0)
+    for g in opt.param_groups: g["lr"] *= 0.8; g["initial_lr"] = g["lr"]
+    mix = chat_sft.build_train_mixture(1, 1)
+    loaders = [sft_data_generator(tok, mix, 2, 64, rank=r, world_size=2) for r in range(2)]
+    for step in range(steps):
+        for loader in loaders:
+            x, y, _ = next(loader)
+            (model(x, y) / 2).backward()
+        chat_sft.set_schedules(opt, chat_sft.get_lr_multiplier(step / steps), muon_momentum=chat_sft.get_muon_momentum(step))
+        opt.step(); model.zero_grad(set_to_none=True)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, ddp[k], atol=2e-5, rtol=1e-4), k
+
+
+WORDS = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "red", "sky", "tree", "fish", "bird", "milk", "rain",
+         "moon", "star", "leaf", "ship", "door", "lamp", "ring", "bell", "rose", "wolf", "bear", "frog", "goat", "duck", "lion",
+         "kite", "cake", "salt", "corn", "rice", "soup", "boat", "road", "hill", "lake", "wind", "snow", "fire", "gold", "iron",
+         "sand", "rock", "wood", "silk", "wool"]
+
+
+def test_sft_teaches_spelling_measured_by_chat_eval(sft_env, monkeypatch):
+    "A real behaviour check: after SFT on SimpleSpelling over 50 words the model spells them (chance is ~0)."
+    from nanochat_nb import tasks as T
+    from nanochat_nb.chat_eval import run_generative_eval
+    from nanochat_nb.checkpoint_manager import load_model
+    from nanochat_nb.engine import Engine
+    with open(os.path.join(sft_env, "task_data", "offline", "words_alpha.txt"), "w") as f: f.write("\n".join(WORDS) + "\n")
+    model, tok, _ = load_model("base", "cpu", phase="eval")
+    task = T.SimpleSpelling(size=50, split="test")
+    before = run_generative_eval(task, tok, model, Engine(model, tok), 1, 24, 0.0, 50)
+    monkeypatch.setattr(chat_sft, "build_train_mixture", lambda *a: T.TaskMixture([T.SimpleSpelling(size=5000)]))
+    chat_sft.main(["--num-iterations=300", "--eval-every=-1", "--init-lr-frac=1.0", *FLAGS])
+    model, tok, _ = load_model("sft", "cpu", phase="eval")
+    after = run_generative_eval(task, tok, model, Engine(model, tok), 1, 24, 0.0, 50)
+    assert before == 0.0 and after >= 0.6, (before, after)

