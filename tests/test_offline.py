@@ -360,3 +360,18 @@ def test_large_index_bitmap_screen_agrees_with_naive():
     assert len(idx) > 1 << 16
     got = idx.find(texts)
     assert got == naive_overlaps(texts, refs, 5) and len(got) >= 20
+
+
+def test_concurrent_fetches_run_the_client_once(local_index, tmp_path, monkeypatch):
+    "Two callers at once (ranks, chapters): the file lock lets one fetch; the other waits and gets the same file."
+    import threading
+    log = tmp_path / "calls.log"
+    slow = [sys.executable, "-c", f"import time; open({str(log)!r}, 'a').write('x'); time.sleep(0.5); "
+                                  "open('tinypkg-0.1-py3-none-any.whl', 'wb').write(b'PK whole')"]
+    monkeypatch.setattr(offline, "_fetch_command", lambda pkg: slow)
+    cache, results = str(tmp_path / "cache"), []
+    threads = [threading.Thread(target=lambda: results.append(fetch_package("tinypkg", cache))) for _ in range(2)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert log.read_text() == "x" and len(results) == 2 and results[0] == results[1]
+    assert open(results[0], "rb").read() == b"PK whole" and leftovers(cache) == ["tinypkg-0.1-py3-none-any.whl"]
