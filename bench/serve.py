@@ -33,9 +33,10 @@ class CharTokenizer:
     def decode(self, ids): return "".join(chr(97 + t % 26) for t in ids if t < self.first_special)
 
 
-class NoSpecials:
+class NoSpecials(torch.nn.Module):
     "The model with its special tokens banned, so generation never stops early (the same wrapper for every timing)."
     def __init__(self, model, tok):
+        super().__init__()  # a Module holding the GPT, so the Engine's inference_weights finds its Linears
         self.model, self.config, self.rotary_seq_len = model, model.config, model.rotary_seq_len
         self.first_special = tok.first_special
     def get_device(self): return self.model.get_device()
