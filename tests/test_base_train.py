@@ -91,6 +91,24 @@ def test_indivisible_batch_is_clear(train_dir):
         main(TINY_ARGS + ["--total-batch-size=300", "--num-iterations=2", "--eval-every=-1"])
 
 
+def test_compile_decision_forced_both_ways_and_auto_by_run_length():
+    from nanochat_nb.base_train import CPU_COMPILE_MODEL, decide_compile
+    shape = dict(grad_accum_steps=2, flops_per_fwdbwd=1e11, peak_flops=1e11, num_params=10_000_000, n_layer=4)
+    assert decide_compile("1", "cpu", 1, **shape) == (True, "forced by --compile=1")
+    assert decide_compile("0", "cuda", 10**6, **shape) == (False, "forced by --compile=0")
+    assert decide_compile("auto", "cuda", 1, **shape)[0] and not decide_compile("auto", "mps", 10**6, **shape)[0]
+    # the break-even from the cost model, restated: cost / (model saving + optimizer saving) per step
+    c = CPU_COMPILE_MODEL
+    saved = 2 * 1e11 / (1e11 * c["eager_mfu"]) * c["model_saving"] + 10_000_000 * c["optim_saving_s_per_param"]
+    break_even = (c["base_s"] + 4 * c["per_layer_s"]) / saved
+    short, long = int(break_even) - 1, int(break_even) + 2
+    assert not decide_compile("auto", "cpu", short, **shape)[0] and decide_compile("auto", "cpu", long, **shape)[0]
+    why = decide_compile("auto", "cpu", short, **shape)[1]
+    assert f"this run has {short}" in why and "pays after" in why
+    # a bigger model (more FLOPs per step) reaches break-even sooner
+    assert decide_compile("auto", "cpu", short, **{**shape, "flops_per_fwdbwd": 1e13})[0]
+
+
 def test_cli_entry_point_bf16(train_dir):
     "`python -m nanochat_nb.base_train` in bf16 (the CPU default here): runs, logs per step and to wandb (offline), samples, saves."
     env = {**os.environ, "NANOCHAT_DTYPE": "bfloat16", "WANDB_MODE": "offline", "WANDB_DIR": str(train_dir),
@@ -103,6 +121,7 @@ def test_cli_entry_point_bf16(train_dir):
     assert len(runs) == 1  # wandb logged offline
     assert "COMPUTE_DTYPE: torch.bfloat16" in proc.stdout and "step 00002/00003" in proc.stdout
     assert "Validation bpb" in proc.stdout and "The capital of France is" in proc.stdout
+    assert "torch.compile: off (auto on CPU: compiling costs" in proc.stdout  # 3 steps never win a compile back
     assert os.path.exists(os.path.join(train_dir, "base_checkpoints", "d2", "model_000003.pt"))
 
 
