@@ -37,6 +37,7 @@ def get_parser():
     parser.add_argument("--model-step", type=int, default=None, help="SFT step to load (default: the last)")
     # Training horizon
     parser.add_argument("--num-epochs", type=int, default=1, help="number of epochs over GSM8K train")
+    parser.add_argument("--num-steps", type=int, default=-1, help="stop after this many steps (-1 = the epochs' worth; added here, for short CPU runs)")
     # Batch sizes / sampling
     parser.add_argument("--device-batch-size", type=int, default=8, help="max batch size per forward pass")
     parser.add_argument("--examples-per-step", type=int, default=16, help="total examples per optimization step across all ranks")
@@ -302,6 +303,7 @@ def _main(args, user_config, device_type, rank, world_size, device, master_proce
     model, tokenizer, _ = load_sft_model(device, args.model_tag, args.model_step)
     train_task, val_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
     num_steps = get_num_steps(len(train_task), args.examples_per_step, args.num_epochs)
+    if args.num_steps > 0: num_steps = min(num_steps, args.num_steps)  # the LR still decays to zero at the end
     print0(f"Calculated number of steps: {num_steps}")
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)

@@ -288,7 +288,8 @@ def natural_instruction_conversations(task_jsons, per_subtask):
     for name in sorted(task_jsons):
         task = task_jsons[name]
         sub = name.split("/")[-2]
-        exs = task["examples"]
+        exs = task.get("examples")
+        if not exs: continue  # natural_instructions/task.json itself only lists the subtasks
         idx = sorted(random.Random(sub).sample(range(len(exs)), min(per_subtask, len(exs))))
         for i in idx:
             target = exs[i]["target"]
