@@ -170,7 +170,8 @@ def test_widget_in_jupyterlab(tmp_path):
     nbformat.write(nb, tmp_path / "chat.ipynb")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": REPO, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "OMP_NUM_THREADS": "1"}
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "OMP_NUM_THREADS": "1",
+           "JUPYTER_DATA_DIR": str(tmp_path / "data")}  # no user kernelspec: python3 is this environment's
     lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
                             "--IdentityProvider.token=", "--ServerApp.password=", f"--ServerApp.root_dir={tmp_path}",
                             f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", "--LabApp.expose_app_in_browser=True",
