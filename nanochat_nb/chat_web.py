@@ -382,10 +382,8 @@ def create_app(workers, model_id="nanochat", temperature=0.8, top_k=50, max_toke
 
     @asynccontextmanager
     async def lifespan(app):
-        app.state.pool = WorkerPool(workers)  # the queue belongs to the server's event loop
+        app.state.pool = WorkerPool(workers)  # the queue belongs to the server's event loop (a restart gets a new one)
         yield
-        for w in workers:
-            w.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
