@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The "speedrun": train a GPT-2 grade base model (d24) on one 8×H100 node, as the original's runs/speedrun.sh.
-# Stages that exist so far: data download, tokenizer training + evaluation, base pretraining, base evaluation.
-# (SFT, chat eval and the report are appended as those modules land.)
+# The "speedrun": train a GPT-2 grade chat model (d24) on one 8×H100 node, as the original's runs/speedrun.sh:
+# report reset, data, tokenizer, d24 base model, base evaluation, identity conversations, SFT, chat evaluation,
+# report card. RL on GSM8K is an opt-in stage (WITH_RL=1), as it is commented out in the original.
 #
 #   bash runs/speedrun.sh                              # wandb off
 #   WANDB_RUN=speedrun bash runs/speedrun.sh           # log to wandb (run `wandb login` first)
 #   NPROC_PER_NODE=4 bash runs/speedrun.sh             # fewer GPUs: gradient accumulation keeps the same batch
+#   WITH_RL=1 bash runs/speedrun.sh                    # also RL on GSM8K and its chat evaluation
 #
 # On a GPU node, install the CUDA build of torch==2.13.0 into the environment first (runs/setup_env.sh only installs
 # torch when none is importable).
@@ -19,10 +20,10 @@ mkdir -p "$NANOCHAT_BASE_DIR"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 
-has_module() { python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('nanochat_nb.$1') else 1)"; }
+WITH_RL="${WITH_RL:-0}"
 
-# report: start a fresh report (if the report module exists)
-if has_module report; then python -m nanochat_nb.report reset; fi
+# report: start a fresh report card (header: git, hardware, software, cost, bloat)
+python -m nanochat_nb.report reset
 
 # -----------------------------------------------------------------------------
 # Tokenizer: ~2B characters (8 shards of ~250M chars) for the tokenizer, ~170 shards in the background for pretraining
@@ -41,4 +42,22 @@ torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m nanochat_nb.base_train
 # evaluate the model: CORE metric, bpb on train/val, samples
 torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m nanochat_nb.base_eval -- --device-batch-size=16
 
-if has_module report; then python -m nanochat_nb.report generate; fi
+# -----------------------------------------------------------------------------
+# SFT: the identity conversations teach the model who it is (the other tasks download on first use)
+curl -L -o "$NANOCHAT_BASE_DIR/identity_conversations.jsonl" https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl
+torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m nanochat_nb.chat_sft -- --device-batch-size=16 --run=$WANDB_RUN
+torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m nanochat_nb.chat_eval -- -i sft
+
+# chat with the model over CLI or the web UI:
+# python -m nanochat_nb.chat_cli -p "Why is the sky blue?"
+# python -m nanochat_nb.chat_web
+
+# -----------------------------------------------------------------------------
+# RL on GSM8K (opt-in)
+if [ "$WITH_RL" = "1" ]; then
+  torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m nanochat_nb.chat_rl -- --run=$WANDB_RUN
+  torchrun --standalone --nproc_per_node=$NPROC_PER_NODE -m nanochat_nb.chat_eval -- -i rl -a GSM8K
+fi
+
+# -----------------------------------------------------------------------------
+python -m nanochat_nb.report generate
