@@ -1,4 +1,5 @@
-"""Pretraining throughput and quality on this CPU: fp32 vs bf16, eager vs torch.compile, side by side.
+"""Pretraining throughput and quality on this CPU: fp32 vs bf16, eager vs torch.compile, plain vs chunked loss,
+side by side.
 
 Each configuration runs `nanochat_nb.base_train.main` in its own subprocess (COMPUTE_DTYPE is fixed at import, so the
 dtype is chosen with NANOCHAT_DTYPE per process) on the same data, model, seed and number of steps, and reports
@@ -6,12 +7,21 @@ dtype is chosen with NANOCHAT_DTYPE per process) on the same data, model, seed a
           include compile/warm-up; the median resists other processes stealing the CPU)
   MFU     model FLOPs utilisation against this CPU's *measured* matmul peak in that dtype (measured once up front,
           best of 3 s, with common.measure_matmul_flops)
+  step0 s the first step's time (compilation, when compiled)
+  RSS MB  the subprocess's peak resident memory
   val bpb bits per byte on the validation shard after the fixed number of steps (same tokens for every config)
-This is the measurement behind the bf16-on-CPU default in common.py ("bf16 only if it trains faster at equal quality").
 
-Usage: python bench/train.py [--steps 60] [--depth 4] [--configs fp32-eager,bf16-eager,fp32-compile,bf16-compile]
+A configuration is `dtype-mode[-loss][-optN]`: dtype fp32|bf16, mode eager|compile (--compile=0|1), loss
+plain|chunked (NANOCHAT_CHUNKED_LOSS=0|1; default: the model's choice, chunked on a CPU), optN the optimizer step
+compiled or not (NANOCHAT_OPTIM_COMPILE=N; default: base_train's choice, compiled with --compile=1 on a CPU).
+Two aliases stand for the original's code paths on a CPU: `orig-fp32` = fp32-compile-plain-opt1 (its default: fp32,
+compiled model and optimizer, full logits) and `orig-bf16` = bf16-compile-plain-opt1 (the same forced to bf16).
+The synthetic corpus uses a large random lexicon so that the tokenizer reaches --vocab-size (default 32768, where
+the head dominates a small model, as in a real run).
+
+Usage: python bench/train.py [--steps 60] [--depth 4] [--configs orig-fp32,orig-bf16,bf16-eager,bf16-compile]
        [--base-dir DIR]  (a base dir that already has a corpus and tokenizer, e.g. after runs/runcpu.sh;
-                          default: a temporary one with a synthetic corpus and a small tokenizer)
+                          default: a temporary one with a synthetic corpus and tokenizer)
 """
 import argparse
 import json
@@ -32,19 +42,47 @@ json.dump(r, open(os.environ["RESULTS_JSON"], "w"))
 """
 
 
-def prepare_base_dir(base_dir):
-    "Synthetic corpus + tokenizer (vocab 1024) in base_dir, unless it already has them."
-    from tests.base_train_worker import make_corpus, make_documents, make_tokenizer
-    if not os.path.exists(os.path.join(base_dir, "tokenizer", "token_bytes.pt")):
+ALIASES = {"orig-fp32": "fp32-compile-plain-opt1", "orig-bf16": "bf16-compile-plain-opt1"}
+
+
+def lexicon_documents(n_docs, seed, n_words=60000):
+    "Documents of Zipf-distributed random words: enough distinct text for a 32768-token BPE."
+    import random
+    rng, lex_rng = random.Random(seed), random.Random(1234)
+    words = ["".join(lex_rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(lex_rng.randint(3, 10))) for _ in range(n_words)]
+    weights = [1 / (i + 10) for i in range(n_words)]
+    return [" ".join(rng.choices(words, weights, k=rng.randint(50, 200))) + "." for _ in range(n_docs)]
+
+
+def prepare_base_dir(base_dir, vocab_size):
+    "Synthetic corpus + tokenizer of `vocab_size` in base_dir, unless it already has them."
+    import torch
+    from tests.base_train_worker import make_corpus
+    from nanochat_nb.tokenizer import RustBPETokenizer
+    tokenizer_dir = os.path.join(base_dir, "tokenizer")
+    if not os.path.exists(os.path.join(tokenizer_dir, "token_bytes.pt")):
         os.environ["NANOCHAT_BASE_DIR"] = base_dir
-        make_corpus(base_dir, train_docs=make_documents(6000, 0), val_docs=make_documents(400, 1))
-        make_tokenizer(base_dir, vocab_size=1024)
+        train_docs = lexicon_documents(6000, 0)
+        make_corpus(base_dir, train_docs=train_docs, val_docs=lexicon_documents(400, 1))
+        tokenizer = RustBPETokenizer.train_from_iterator(iter(train_docs), vocab_size)
+        tokenizer.save(tokenizer_dir)
+        special_ids = {tokenizer.encode_special(t) for t in tokenizer.get_special_tokens()}
+        token_bytes = [0 if i in special_ids else len(tokenizer.enc.decode_single_token_bytes(i))
+                       for i in range(tokenizer.get_vocab_size())]
+        torch.save(torch.tensor(token_bytes, dtype=torch.int32), os.path.join(tokenizer_dir, "token_bytes.pt"))
 
 
 def run_config(name, base_dir, train_args, peaks):
-    dtype, mode = name.split("-")
+    dtype, mode, *extra = ALIASES.get(name, name).split("-")
     env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "NANOCHAT_DTYPE": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
+    for e in extra:
+        if e in ("plain", "chunked"):
+            env["NANOCHAT_CHUNKED_LOSS"] = "0" if e == "plain" else "1"
+        elif e in ("opt0", "opt1"):
+            env["NANOCHAT_OPTIM_COMPILE"] = e[-1]
+        else:
+            sys.exit(f"bench/train.py: unknown part {e!r} in config {name!r}; see --help")
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         results_path = f.name
     env["RESULTS_JSON"] = results_path
@@ -58,7 +96,8 @@ def run_config(name, base_dir, train_args, peaks):
             log.write(line)
             if line.startswith("Step ") or (line.startswith("step ") and int(line[5:10]) % 10 == 0):
                 print(f"  [{name}] {line.rstrip()}", flush=True)
-        proc.wait()
+        _, status, rusage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB on Linux)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - t0
     if proc.returncode != 0:
         print(f"[{name}] FAILED, see {log_path}:\n" + open(log_path).read()[-3000:])
@@ -71,6 +110,8 @@ def run_config(name, base_dir, train_args, peaks):
     r["tok_per_sec"] = r["total_batch_size"] / median_dt
     r["mfu"] = 100 * r["num_flops_per_token"] * r["tok_per_sec"] / r["peak_flops"]
     r["wall"] = wall
+    r["rss_mb"] = rusage.ru_maxrss / 1024
+    r["step0"] = r["step_times"]["0"]
     losses = r["train_losses"]
     r["final_loss"] = losses[str(r["num_iterations"] - 1)]
     return r
@@ -82,19 +123,22 @@ def main():
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--device-batch-size", type=int, default=8)
-    p.add_argument("--configs", type=str, default="fp32-eager,bf16-eager,fp32-compile,bf16-compile")
+    p.add_argument("--configs", type=str, default="orig-fp32,orig-bf16,bf16-eager,bf16-compile")
+    p.add_argument("--vocab-size", type=int, default=32768, help="of the synthetic tokenizer (without --base-dir)")
+    p.add_argument("--window-pattern", type=str, default="L")
     p.add_argument("--base-dir", type=str, default=None)
     a = p.parse_args()
     base_dir = a.base_dir or tempfile.mkdtemp(prefix="nanochat_bench_")
-    prepare_base_dir(base_dir)
+    prepare_base_dir(base_dir, a.vocab_size)
     tokens = a.device_batch_size * a.max_seq_len
-    train_args = [f"--depth={a.depth}", "--head-dim=64", "--window-pattern=L", f"--max-seq-len={a.max_seq_len}",
+    train_args = [f"--depth={a.depth}", "--head-dim=64", f"--window-pattern={a.window_pattern}", f"--max-seq-len={a.max_seq_len}",
                   f"--device-batch-size={a.device_batch_size}", f"--total-batch-size={tokens}",
                   f"--num-iterations={a.steps}", f"--eval-every={a.steps}", f"--eval-tokens={8 * tokens}",
                   "--core-metric-every=-1", "--sample-every=-1", "--warmup-steps=5"]
     import torch
     from nanochat_nb.common import cpu_model_name
-    print(f"CPU: {cpu_model_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu_model_name()} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"config: depth {a.depth}, seq {a.max_seq_len}, batch {tokens} tokens/step, {a.steps} steps, seed 42 (compute_init)")
     # this CPU's matmul peak per dtype, measured once here (best of 3 s) and shared by all configs
     from nanochat_nb.common import measure_matmul_flops
@@ -106,19 +150,20 @@ def main():
         print(f"running {name} ...", flush=True)
         rows[name] = run_config(name, base_dir, train_args, peaks)
     print()
-    print(f"{'config':<14} {'tok/s':>9} {'MFU %':>7} {'final loss':>11} {'val bpb':>9} {'wall s':>7}")
+    print(f"{'config':<24} {'tok/s':>9} {'MFU %':>7} {'step0 s':>8} {'RSS MB':>7} {'final loss':>11} {'val bpb':>9} {'wall s':>7}")
     for name, r in rows.items():
-        if r is None: print(f"{name:<14} failed"); continue
-        print(f"{name:<14} {r['tok_per_sec']:>9.0f} {r['mfu']:>7.2f} {r['final_loss']:>11.4f} {r['val_bpb']:>9.4f} {r['wall']:>7.1f}")
+        label = name if name not in ALIASES else f"{name} ({ALIASES[name]})"
+        if r is None: print(f"{label:<24} failed"); continue
+        print(f"{label:<24} {r['tok_per_sec']:>9.0f} {r['mfu']:>7.2f} {r['step0']:>8.1f} {r['rss_mb']:>7.0f} "
+              f"{r['final_loss']:>11.4f} {r['val_bpb']:>9.4f} {r['wall']:>7.1f}")
     print()
-    def ratio(a_, b_, key):
-        if rows.get(a_) and rows.get(b_): return rows[a_][key] / rows[b_][key]
-    for num, den in [("bf16-eager", "fp32-eager"), ("bf16-compile", "fp32-compile"), ("fp32-compile", "fp32-eager"),
-                     ("bf16-compile", "bf16-eager"), ("bf16-compile", "fp32-eager")]:
-        s = ratio(num, den, "tok_per_sec")
-        if s is not None:
-            q = rows[num]["val_bpb"] - rows[den]["val_bpb"]
-            print(f"{num} vs {den}: speed x{s:.2f}, val bpb {q:+.4f}")
+    names = [n for n, r in rows.items() if r is not None]
+    for den in [n for n in ("orig-fp32", "orig-bf16") if n in names] or names[:1]:
+        for num in names:
+            if num != den:
+                q = rows[num]["val_bpb"] - rows[den]["val_bpb"]
+                print(f"{num} vs {den}: speed x{rows[num]['tok_per_sec'] / rows[den]['tok_per_sec']:.2f}, "
+                      f"peak RSS x{rows[num]['rss_mb'] / rows[den]['rss_mb']:.2f}, val bpb {q:+.4f}")
     print("(MFU is against the measured peak of each dtype, so it compares utilisation, not speed)")
     print(f"logs: {base_dir}/bench_<config>.log")
 
