@@ -36,6 +36,13 @@ MODEL_TAG="cpu_d${DEPTH}"
 echo "=== runcpu: artifacts in $NANOCHAT_BASE_DIR"
 SECONDS=0
 stage() { echo; echo "=== [$1/11] $2 ($(date +%H:%M:%S), ${SECONDS}s so far)"; }
+evaluated() {  # true when $1/chat_eval.json holds the evaluation of the last checkpoint in $1
+  python -c "
+import json, os, sys
+from nanochat_nb.checkpoint_manager import find_last_step
+p = os.path.join('$1', 'chat_eval.json')
+sys.exit(0 if os.path.exists(p) and json.load(open(p)).get('step') == find_last_step('$1') else 1)" 2>/dev/null
+}
 last_step() {  # the last checkpoint step in a directory, -1 if none
   python -c "
 from nanochat_nb.checkpoint_manager import find_last_step
@@ -119,14 +126,14 @@ fi
 # -----------------------------------------------------------------------------
 CHAT_EVAL=(-a "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee" -x "$EVAL_MAX_PROBLEMS" -m 192 -b 16 -g "$MODEL_TAG")
 stage 7 "chat evaluation of the SFT model ($EVAL_MAX_PROBLEMS problems per task)"
-if [ -f "$SFT_DIR/chat_eval.json" ]; then echo "found $SFT_DIR/chat_eval.json, skipping"; else python -m nanochat_nb.chat_eval -i sft "${CHAT_EVAL[@]}"; fi
+if evaluated "$SFT_DIR"; then echo "found $SFT_DIR/chat_eval.json for the last step, skipping"; else python -m nanochat_nb.chat_eval -i sft "${CHAT_EVAL[@]}"; fi
 
 # -----------------------------------------------------------------------------
 # A short RL run on the GSM8K-format training set: 4 questions x 4 samples per step, 128 new tokens.
 stage 8 "RL: $RL_STEPS steps on GSM8K-style problems"
 RL_DIR="$NANOCHAT_BASE_DIR/chatrl_checkpoints/$MODEL_TAG"
 LAST=$(last_step "$RL_DIR")
-if [ "$LAST" -ge "$RL_STEPS" ]; then
+if [ "$LAST" -ge $((RL_STEPS - 1)) ]; then  # RL names a checkpoint by the index of its last step (the original's)
   echo "$RL_DIR already has step $LAST, skipping"
 else
   python -m nanochat_nb.chat_rl --model-tag="$MODEL_TAG" --num-steps="$RL_STEPS" --examples-per-step=4 --num-samples=4 \
@@ -135,7 +142,7 @@ fi
 
 # -----------------------------------------------------------------------------
 stage 9 "chat evaluation of the RL model"
-if [ -f "$RL_DIR/chat_eval.json" ]; then echo "found $RL_DIR/chat_eval.json, skipping"; else python -m nanochat_nb.chat_eval -i rl "${CHAT_EVAL[@]}"; fi
+if evaluated "$RL_DIR"; then echo "found $RL_DIR/chat_eval.json for the last step, skipping"; else python -m nanochat_nb.chat_eval -i rl "${CHAT_EVAL[@]}"; fi
 
 # -----------------------------------------------------------------------------
 stage 10 "report card"

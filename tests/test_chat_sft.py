@@ -155,7 +155,7 @@ def test_lr_schedule_and_momentum():
 
 
 # --- end to end on a tiny base model ------------------------------------------------------------------------------
-def _save_base(base_dir, world_size=1):
+def _save_base(base_dir, world_size=1, tag="d2", step=5):
     "A tiny base checkpoint with meta as base_train writes it and an optimizer shard per rank after one real step."
     from nanochat_nb.checkpoint_manager import save_checkpoint
     from nanochat_nb.gpt import GPT, GPTConfig
@@ -166,10 +166,10 @@ def _save_base(base_dir, world_size=1):
     opt = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.0)
     x = torch.randint(0, 256, (2, 32)); model(x, x).backward(); opt.step(); model.zero_grad()
     user_config = {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02, "depth": 2}
-    d = os.path.join(base_dir, "base_checkpoints", "d2")
+    d = os.path.join(base_dir, "base_checkpoints", tag)
     for rank in range(world_size):
-        save_checkpoint(d, 5, model.state_dict(), opt.state_dict(),
-                        {"step": 5, "model_config": asdict(config), "user_config": user_config, "max_seq_len": 64,
+        save_checkpoint(d, step, model.state_dict(), opt.state_dict(),
+                        {"step": step, "model_config": asdict(config), "user_config": user_config, "max_seq_len": 64,
                          "device_batch_size": 2, "total_batch_size": 128}, rank=rank)
     return model
 
