@@ -295,3 +295,22 @@ def test_sft_teaches_spelling_measured_by_chat_eval(sft_env, monkeypatch):
     model, tok, _ = load_model("sft", "cpu", phase="eval")
     after = run_generative_eval(task, tok, model, Engine(model, tok), 1, 24, 0.0, 50)
     assert before == 0.0 and after >= 0.6, (before, after)
+
+
+def test_sft_runs_chatcore_and_logs_the_report(sft_env):
+    "ChatCORE during SFT: the six tasks through chat_eval with the limits, the centred mean, all in the meta and report."
+    from tests.test_tasks import ARC_ROWS, HUMANEVAL_ROWS
+    for subset in ("ARC-Easy", "ARC-Challenge"): write_offline_split("allenai/ai2_arc", subset, "test", ARC_ROWS, "t", "t")
+    write_offline_split("openai/openai_humaneval", "openai_humaneval", "test", HUMANEVAL_ROWS, "t", "t")
+    from nanochat_nb.report import get_report
+    get_report().reset()
+    out = chat_sft.main([*FLAGS, "--num-iterations=2", "--eval-every=-1", "--chatcore-every=2", "--chatcore-max-cat=2",
+                         "--chatcore-max-sample=1"])  # after FLAGS, which turn ChatCORE off
+    cc = out["chatcore"]
+    assert set(cc) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE", "ChatCORE_cat"}
+    from nanochat_nb.chat_eval import chatcore
+    assert (cc["ChatCORE"], cc["ChatCORE_cat"]) == chatcore({k: v for k, v in cc.items() if not k.startswith("ChatCORE")})
+    meta = json.load(open(os.path.join(sft_env, "chatsft_checkpoints", "d2", "meta_000002.json")))
+    assert meta["chatcore"] == cc
+    section = open(os.path.join(sft_env, "report", "chat-sft.md")).read()
+    assert "ChatCORE" in section and "Number of iterations: 2" in section
