@@ -20,6 +20,7 @@ from .checkpoint_manager import (load_model, load_checkpoint, save_checkpoint, f
                                             find_largest_model, save_rng_state, load_rng_state)
 from .tokenizer import get_token_bytes
 from .loss_eval import evaluate_bpb
+from .base_train import decide_compile
 from .train_loop import (make_grad_scaler, set_schedules, optimizer_step, accumulated_step, SmoothedLoss,
                                     peak_flops_for, any_rank, manage_gc, restore_gc)
 from .tasks import TaskMixture, SmolTalk, MMLU, GSM8K, SimpleSpelling, SpellingBee, identity_conversations
@@ -52,6 +53,7 @@ def get_parser():
     p.add_argument("--gsm8k-epochs", type=int, default=4, help="epochs of GSM8K train in the mixture")
     p.add_argument("--save-every", type=int, default=-1, help="also save a resumable checkpoint every N steps (-1 = only at the end)")
     p.add_argument("--resume-from-step", type=int, default=-1, help="resume this SFT run from its checkpoint at this step (-1 = start fresh)")
+    p.add_argument("--compile", type=str, default="auto", choices=["auto", "0", "1"], help="torch.compile the model: auto = base_train's rule (CUDA; a CPU when the run wins the cost back)")
     return p
 
 # %% ../nbs/14_chat_sft.ipynb #76a94fa0
@@ -225,10 +227,12 @@ def main(argv=None):
     if device_type == "cuda": os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     wandb_run = get_wandb_run(args.run, project="nanochat-sft", config=user_config, master_process=rank == 0)
+    optim_compile_env = os.environ.get("NANOCHAT_OPTIM_COMPILE")
     try:
         with restore_gc():
             return _train(args, user_config, device_type, device, rank, world_size, wandb_run)
     finally:
+        if optim_compile_env is None: os.environ.pop("NANOCHAT_OPTIM_COMPILE", None)
         wandb_run.finish()
         compute_cleanup()
 
@@ -264,9 +268,14 @@ def _train(args, user_config, device_type, device, rank, world_size, wandb_run):
             raise ValueError(f"the SFT checkpoint at step {args.resume_from_step} was written by {sft_meta['world_size']} rank(s); "
                              f"resume it with the same number of ranks (this run has {world_size})")
         orig_model.load_state_dict(model_data, strict=True, assign=True); del model_data
-    use_compile = device_type == "cuda"  # base_train's rule for --compile=auto
-    if use_compile: model = torch.compile(orig_model, dynamic=False)
-    print0(f"torch.compile: {'on' if use_compile else 'off'}")
+    # base_train's rule; an epoch of the full mixture (num_iterations -1) is many thousands of steps
+    horizon = args.num_iterations if args.num_iterations > 0 else 10**6
+    use_compile, why = decide_compile(args.compile, device_type, horizon, grad_accum_steps, num_flops_per_token * tokens_per_fwdbwd,
+                                      peak_flops, orig_model.num_scaling_params()["total"], orig_model.config.n_layer)
+    if use_compile:
+        model = torch.compile(orig_model, dynamic=False)
+        if device_type == "cpu": os.environ.setdefault("NANOCHAT_OPTIM_COMPILE", "1")  # as base_train: the optimizer step too
+    print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
     # --- optimizer
     optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                            matrix_lr=args.matrix_lr, weight_decay=0.0)
