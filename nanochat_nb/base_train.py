@@ -29,6 +29,7 @@ from .common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type
                                 compute_init, get_base_dir, get_peak_flops, get_wandb_run, is_ddp_initialized,
                                 is_main, print0, print_banner)
 from .loss_eval import evaluate_bpb
+from .train_loop import accumulated_step, make_grad_scaler, manage_gc, optimizer_step, set_schedules
 from .tokenizer import get_token_bytes, get_tokenizer
 
 # %% ../nbs/09_base_train.ipynb #09682f2a
@@ -332,7 +333,7 @@ def _train(args, user_config, device_type, ddp_rank, ddp_world_size, device, mas
         optimizer.load_state_dict(optimizer_data)
         del optimizer_data
     # GradScaler for fp16 training (bf16/fp32 need none)
-    scaler = torch.amp.GradScaler(device_type) if COMPUTE_DTYPE == torch.float16 else None
+    scaler = make_grad_scaler(device_type)
     if scaler is not None:
         print0("GradScaler enabled for fp16 training")
         if resuming and meta_data.get("loop_state", {}).get("grad_scaler"):
@@ -461,34 +462,14 @@ def _train(args, user_config, device_type, ddp_rank, ddp_world_size, device, mas
         # --- one optimization step
         synchronize()
         t0 = time.time()
-        for micro_step in range(grad_accum_steps):
-            loss = model(x, y)
-            train_loss = loss.detach()
-            loss = loss / grad_accum_steps
-            if scaler is not None:
-                scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            consumed_state_dict = dataloader_state_dict
-            x, y, dataloader_state_dict = next(train_loader)  # prefetch while the device works
+        # grad_accum_steps passes, each prefetching the next batch while the device works (train_loop)
+        train_loss, (x, y, dataloader_state_dict), consumed_state_dict = accumulated_step(
+            model, train_loader, (x, y, dataloader_state_dict), grad_accum_steps, scaler)
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         muon_momentum = get_muon_momentum(step, num_iterations, args.warmdown_ratio)
         muon_weight_decay = get_weight_decay(step, num_iterations, weight_decay_scaled)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum
-                group["weight_decay"] = muon_weight_decay
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-            if is_ddp_initialized():  # every rank must agree to skip a step with inf/nan gradients
-                for v in scaler._found_inf_per_device(optimizer).values():
-                    dist.all_reduce(v, op=dist.ReduceOp.MAX)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        model.zero_grad(set_to_none=True)
+        set_schedules(optimizer, lrm, muon_momentum, muon_weight_decay)
+        optimizer_step(model, optimizer, scaler)  # fp16: unscale, ranks agree on skipping an inf step, update
         train_loss_f = train_loss.item()  # CPU-GPU sync point
         synchronize()
         t1 = time.time()
@@ -518,12 +499,7 @@ def _train(args, user_config, device_type, ddp_rank, ddp_world_size, device, mas
         # --- garbage collection: Python's cyclic GC costs ~500 ms pauses, so freeze everything after the first step
         first_step_of_run = (step == 0) or (resuming and step == args.resume_from_step)
         step += 1
-        if first_step_of_run:
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % 5000 == 0:
-            gc.collect()
+        manage_gc(step, first_step_of_run)
     # -------------------------------------------------------------------------
     print0(f"Peak memory usage: {get_max_memory() / 1024 / 1024:.2f}MiB")
     print0(f"Total training time: {total_training_time / 60:.2f}m")
