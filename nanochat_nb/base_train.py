@@ -450,8 +450,7 @@ def _train(args, user_config, device_type, ddp_rank, ddp_world_size, device, mas
                     "device_batch_size": args.device_batch_size,
                     "max_seq_len": args.max_seq_len,
                     "total_batch_size": total_batch_size,
-                    "dataloader_state_dict": (collect_dataloader_state(consumed_state_dict)
-                                              if consumed_state_dict is not None else None),
+                    "dataloader_state_dict": collect_dataloader_state(consumed_state_dict),  # None passes through
                     "loop_state": loop_state,
                 },
                 rank=ddp_rank,

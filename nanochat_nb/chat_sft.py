@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['INHERITED', 'get_parser', 'resolve_inherited', 'build_train_mixture', 'first', 'build_val_mixture',
            'sft_data_generator', 'get_lr_multiplier', 'get_muon_momentum', 'count_optimizer_shards',
-           'warm_start_optimizer', 'gather_over_ranks', 'run_chatcore', 'main']
+           'warm_start_optimizer', 'run_chatcore', 'main']
 
 # %% ../nbs/14_chat_sft.ipynb #f30ac067
 import os, json, time, argparse, random
@@ -22,7 +22,7 @@ from .tokenizer import get_token_bytes
 from .loss_eval import evaluate_bpb
 from .base_train import decide_compile
 from .train_loop import (make_grad_scaler, set_schedules, optimizer_step, accumulated_step, SmoothedLoss,
-                                    peak_flops_for, any_rank, manage_gc, restore_gc)
+                                    peak_flops_for, any_rank, gather_over_ranks, manage_gc, restore_gc)
 from .tasks import TaskMixture, SmolTalk, MMLU, GSM8K, SimpleSpelling, SpellingBee, identity_conversations
 
 # %% ../nbs/14_chat_sft.ipynb #0adf24f5
@@ -197,13 +197,6 @@ def warm_start_optimizer(optimizer, checkpoint_dir, step, rank, world_size, devi
     return f"optimizer warm-started from {checkpoint_dir} step {step} ({shards} shard(s)); fresh LRs kept"
 
 # %% ../nbs/14_chat_sft.ipynb #913dff67
-def gather_over_ranks(obj):
-    "A list of every rank's `obj` (a collective under torchrun)."
-    if not is_ddp_initialized(): return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
 def run_chatcore(model, tokenizer, device, batch_size, max_cat, max_sample):
     "ChatCORE with the Engine on the uncompiled model: accuracies of the six tasks, the centred mean and its categorical part."
     from nanochat_nb.chat_eval import run_chat_eval, chatcore, TASK_NAMES

@@ -13,6 +13,7 @@ import torch
 
 from .common import get_dist_info, is_ddp_initialized, logger
 from .dataset import get_split_files, open_parquet, read_row_group_texts
+from .train_loop import gather_over_ranks
 
 # %% ../nbs/03_dataloader.ipynb #8310f973
 def _is_exact_state(state):
@@ -128,9 +129,7 @@ def collect_dataloader_state(state):
     """All ranks' loader states in one dict for a checkpoint: rank 0's original keys + `per_rank`. A collective call
     under torchrun (every rank calls it); `None` (no batch consumed yet) and already-collected states pass through."""
     if not is_ddp_initialized() or state is None or "per_rank" in state: return state
-    import torch.distributed as dist
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
+    states = gather_over_ranks(state)
     return {**{k: states[0][k] for k in ("pq_idx", "rg_idx", "epoch")}, "per_rank": states}
 
 # %% ../nbs/03_dataloader.ipynb #e690fc73

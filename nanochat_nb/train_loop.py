@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['make_grad_scaler', 'backward', 'set_schedules', 'optimizer_step', 'accumulated_step', 'SmoothedLoss',
-           'peak_flops_for', 'any_rank', 'mean_over_ranks', 'sum_over_ranks', 'manage_gc', 'restore_gc']
+           'peak_flops_for', 'any_rank', 'mean_over_ranks', 'sum_over_ranks', 'manage_gc', 'restore_gc',
+           'gather_over_ranks']
 
 # %% ../nbs/09b_train_loop.ipynb #e75ff02e
 import gc, math
@@ -107,3 +108,11 @@ class restore_gc:
     def __exit__(self, *exc):
         gc.unfreeze()
         if self.enabled: gc.enable()
+
+# %% ../nbs/09b_train_loop.ipynb #7b2d1e3f
+def gather_over_ranks(obj):
+    "The list of every rank's picklable `obj`, in rank order, on every rank (a collective under torchrun: all ranks call it)."
+    if not is_ddp_initialized(): return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
