@@ -45,31 +45,14 @@ json.dump(r, open(os.environ["RESULTS_JSON"], "w"))
 ALIASES = {"orig-fp32": "fp32-compile-plain-opt1", "orig-bf16": "bf16-compile-plain-opt1"}
 
 
-def lexicon_documents(n_docs, seed, n_words=60000):
-    "Documents of Zipf-distributed random words: enough distinct text for a 32768-token BPE."
-    import random
-    rng, lex_rng = random.Random(seed), random.Random(1234)
-    words = ["".join(lex_rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(lex_rng.randint(3, 10))) for _ in range(n_words)]
-    weights = [1 / (i + 10) for i in range(n_words)]
-    return [" ".join(rng.choices(words, weights, k=rng.randint(50, 200))) + "." for _ in range(n_docs)]
-
-
 def prepare_base_dir(base_dir, vocab_size):
     "Synthetic corpus + tokenizer of `vocab_size` in base_dir, unless it already has them."
-    import torch
-    from tests.base_train_worker import make_corpus
-    from nanochat_nb.tokenizer import RustBPETokenizer
-    tokenizer_dir = os.path.join(base_dir, "tokenizer")
-    if not os.path.exists(os.path.join(tokenizer_dir, "token_bytes.pt")):
+    from nanochat_nb.tiny_corpus import lexicon_documents, make_corpus, make_tokenizer
+    if not os.path.exists(os.path.join(base_dir, "tokenizer", "token_bytes.pt")):
         os.environ["NANOCHAT_BASE_DIR"] = base_dir
         train_docs = lexicon_documents(6000, 0)
         make_corpus(base_dir, train_docs=train_docs, val_docs=lexicon_documents(400, 1))
-        tokenizer = RustBPETokenizer.train_from_iterator(iter(train_docs), vocab_size)
-        tokenizer.save(tokenizer_dir)
-        special_ids = {tokenizer.encode_special(t) for t in tokenizer.get_special_tokens()}
-        token_bytes = [0 if i in special_ids else len(tokenizer.enc.decode_single_token_bytes(i))
-                       for i in range(tokenizer.get_vocab_size())]
-        torch.save(torch.tensor(token_bytes, dtype=torch.int32), os.path.join(tokenizer_dir, "token_bytes.pt"))
+        make_tokenizer(base_dir, vocab_size=vocab_size, docs=train_docs)
 
 
 def run_config(name, base_dir, train_args, peaks):
