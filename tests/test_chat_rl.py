@@ -362,6 +362,47 @@ def test_resume_continues_where_it_stopped(rl_base):
     assert "already holds RL checkpoints (last step 2); starting over" in out
 
 
+def _tensors_equal(a, b):
+    "Bit-exact equality of two (nested) checkpoint objects: tensors by torch.equal, everything else by ==."
+    if torch.is_tensor(a): return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict): return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)): return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_two_rank_resume_equals_an_uninterrupted_run(rl_base):
+    import json
+    # 8 questions, 1 per rank and step: 4 steps, checkpoints after steps 1, 2 and 3
+    write_gsm8k(toy_rows(8), toy_rows(4, prefix="t"))
+    flags = ["-m", "nanochat_nb.chat_rl", "--device-type=cpu", *SMALL, "--num-samples=8", "--examples-per-step=2",
+             "--eval-every=2", "--save-every=1", "--init-lr-frac=0.5"]
+    env = {"NANOCHAT_BASE_DIR": str(rl_base), "NANOCHAT_DTYPE": "float32"}
+    full = run_torchrun(flags, env=env).stdout
+    d = rl_base / "chatrl_checkpoints" / "d2"
+    files = lambda s: [f"model_{s:06d}.pt", f"meta_{s:06d}.json", f"optim_{s:06d}_rank0.pt", f"optim_{s:06d}_rank1.pt"]
+    final = {f: (json.load(open(d / f)) if f.endswith(".json") else torch.load(d / f)) for f in files(3)}
+    for f in files(2) + files(3):  # as if both ranks died right after the save of step 1
+        os.remove(d / f)
+    resumed = run_torchrun([*flags, "--resume"], env=env).stdout
+    assert "step 1: continuing at step 2 of 4" in resumed
+    # the steps the resumed run took print the same losses, rewards and pass@k, to the last digit printed
+    step_lines = lambda out: [re.sub(r" \| sampling: .*", "", l) for l in out.splitlines()  # timings differ
+                              if re.match(r"Step [23](/4 \| (Example|Average)| \| Pass@)", l)]
+    lines = step_lines(resumed)
+    print("\n".join(lines))
+    assert len(lines) == 5 and lines == step_lines(full)  # pass@k at step 2, then a loss and a reward line per step
+    assert not re.search(r"Step [01]/4", resumed)
+    # the checkpoint of the last step, on both ranks: the same bits
+    for f in files(3):
+        got = json.load(open(d / f)) if f.endswith(".json") else torch.load(d / f)
+        if f.startswith("meta"):
+            assert got["loop_state"] == final[f]["loop_state"]  # reward, sequence length, pass@1 of all 4 steps
+            assert sorted(int(s) for s in got["loop_state"]["reward"]) == [0, 1, 2, 3]
+        else:
+            assert _tensors_equal(got, final[f]), f
+    sft = torch.load(rl_base / "chatsft_checkpoints" / "d2" / "model_000001.pt")
+    assert any(not torch.equal(final["model_000003.pt"][k], sft[k]) for k in sft), "RL must have changed the model"
+
 def test_resume_refuses_a_different_world_size(rl_base):
     import json
     write_gsm8k(toy_rows(4), toy_rows(1))
