@@ -79,6 +79,17 @@ def test_kill_and_resume_gives_identical_losses(train_dir):
     assert resumed["val_bpb"] == full["val_bpb"]
 
 
+def test_first_run_that_measures_the_cpu_peak_trains_the_same_model(train_dir):
+    "The peak is measured on a base dir's first run, after seeding: it must not move the RNG the model is built from."
+    from nanochat_nb.base_train import main
+    args = TINY_ARGS + ["--total-batch-size=256", "--num-iterations=2", "--eval-every=-1"]
+    os.remove(os.path.join(train_dir, "cpu_peak_flops.json"))
+    first = main(args)  # measures the peak and caches it
+    assert os.path.exists(os.path.join(train_dir, "cpu_peak_flops.json"))
+    second = main(args)  # reads the cache
+    assert first["train_losses"] == second["train_losses"]
+
+
 def test_resume_from_missing_step_is_clear(train_dir):
     from nanochat_nb.base_train import main
     with pytest.raises(FileNotFoundError, match="Steps saved in"):
