@@ -131,18 +131,18 @@ def main():
     print(f"CPU: {cpu_model_name()} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"config: depth {a.depth}, seq {a.max_seq_len}, batch {tokens} tokens/step, {a.steps} steps, seed 42 (compute_init)")
-    # this CPU's matmul peak per dtype, measured once here (best of 3 s) and shared by all configs
-    from nanochat_nb.common import measure_matmul_flops
-    from nanochat_nb.common import cpu_has_native_bf16
+    from nanochat_nb.common import cpu_has_native_bf16, measure_matmul_flops
+    native_bf16 = cpu_has_native_bf16()
     configs = a.configs.split(",")
-    if not cpu_has_native_bf16() and not a.force_bf16:
+    if not native_bf16 and not a.force_bf16:
         skipped = [n for n in configs if ALIASES.get(n, n).startswith("bf16")]
         if skipped:
             print(f"skipping {', '.join(skipped)}: this CPU has no native bf16 matmul (AVX512-BF16/AMX), where bf16 "
                   f"runs many times slower than fp32; --force-bf16 runs them anyway")
         configs = [n for n in configs if n not in skipped]
-    # bf16 on a CPU without native bf16 takes minutes to measure at n=2048: only measure what will run
-    bf16_n = 2048 if cpu_has_native_bf16() else 512
+    # this CPU's matmul peak per dtype, measured once here (best of 3 s) and shared by all configs; without native
+    # bf16 one 2048^3 bf16 matmul alone takes about a minute, so measure that one smaller
+    bf16_n = 2048 if native_bf16 else 512
     peaks = {"fp32": measure_matmul_flops(torch.float32, seconds=3),
              "bf16": measure_matmul_flops(torch.bfloat16, n=bf16_n, seconds=3)}
     print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s "
