@@ -2,15 +2,17 @@
 token, time to first token (TTFT), time per output token (TPOT) and tokens/s for batch sizes 1, 8, 32, plus the
 Engine (sampling, tool state machine) at 1 and 8 samples.
 
-Three weight modes, side by side:
-  fp32   the model in fp32 throughout (NANOCHAT_DTYPE=float32, in a subprocess: the original's CPU configuration)
-  cast   compute dtype, fp32 masters cast to it on every forward (this project before issue 17)
-  held   compute dtype, weights held in it while generating (gpt.inference_weights: what Engine does now)
-`cast` and `held` run in one process on the same model and take turns, repeat by repeat, so a busy moment on a
-shared machine hits both; every figure is the median over --repeats.
+Four weight modes, side by side:
+  fp32    the model in fp32 throughout (NANOCHAT_DTYPE=float32, in a subprocess: the original's CPU configuration)
+  cast    compute dtype, fp32 masters cast to it on every forward (this project before issue 17)
+  held    compute dtype, weights held in it while generating, none packed (gpt.inference_weights, PACK_MIN_NUMEL off)
+  packed  held, and on a CPU the large ones re-laid out for oneDNN (gpt.packed_weight: what Engine does now)
+`cast`, `held` and `packed` run in one process on the same model and take turns, repeat by repeat, so a busy moment
+on a shared machine hits all of them; every figure is the median over --repeats. Where the compute dtype is fp32
+(a CPU without fast bf16), `cast` and `held` do the same thing and differ only by noise.
 
 Usage: python bench/infer.py [--depth 4] [--vocab-size 32768] [--prompt-len 128] [--new-tokens 32]
-       [--batch-sizes 1 8 32] [--repeats 3] [--modes fp32 cast held] [--device cpu|cuda]
+       [--batch-sizes 1 8 32] [--repeats 3] [--modes fp32 cast held packed] [--device cpu|cuda]
 """
 import argparse
 import contextlib
@@ -40,7 +42,8 @@ def worker(args, modes):
     import nanochat_nb.engine as engine_mod
     from nanochat_nb.common import COMPUTE_DTYPE
     from nanochat_nb.engine import Engine, KVCache
-    from nanochat_nb.gpt import GPT, config_for_depth, inference_weights
+    import nanochat_nb.gpt as G
+    from nanochat_nb.gpt import GPT, config_for_depth
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -53,7 +56,18 @@ def worker(args, modes):
     model.eval()
     c = model.config
     P, N = args.prompt_len, args.new_tokens
-    hold = {"fp32": contextlib.nullcontext, "cast": contextlib.nullcontext, "held": lambda: inference_weights(model)}
+    real_hold, real_pack_min = engine_mod.inference_weights, G.PACK_MIN_NUMEL
+
+    @contextlib.contextmanager
+    def weights(mode):
+        "The block runs with `mode`'s weights; the Engine's own hold is switched off (this one is the outermost)."
+        G.PACK_MIN_NUMEL = real_pack_min if mode == "packed" else float("inf")
+        engine_mod.inference_weights = lambda m: contextlib.nullcontext()
+        try:
+            with real_hold(model) if mode in ("held", "packed") else contextlib.nullcontext():
+                yield
+        finally:
+            G.PACK_MIN_NUMEL, engine_mod.inference_weights = real_pack_min, real_hold
 
     @torch.inference_mode()
     def run(B):
@@ -71,29 +85,24 @@ def worker(args, modes):
 
     tok = BenchTokenizer()
     prompt_list = torch.randint(0, c.vocab_size, (P,)).tolist()
-    real_hold = engine_mod.inference_weights
 
     def run_engine(mode, samples):
-        engine_mod.inference_weights = real_hold if mode == "held" else (lambda m: contextlib.nullcontext())
-        try:
+        with weights(mode):
             t0 = time.perf_counter()
             cols = list(Engine(model, tok).generate(prompt_list, num_samples=samples, max_tokens=N, temperature=1.0, top_k=50))
             assert len(cols) == N
             return samples * N / (time.perf_counter() - t0)
-        finally:
-            engine_mod.inference_weights = real_hold
 
     results = {m: {} for m in modes}
     for B in args.batch_sizes:  # warm-up
         for m in modes:
-            with hold[m]():
+            with weights(m):
                 run(B)
     for r in range(args.repeats):
         for B in args.batch_sizes:
             for m in modes:
-                with hold[m]():
-                    with torch.inference_mode():
-                        ttft, tpot = run(B)
+                with weights(m):
+                    ttft, tpot = run(B)
                 results[m].setdefault(B, []).append((ttft, tpot))
         for m in modes:
             for s in args.engine_samples:
@@ -122,7 +131,7 @@ def main():
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--engine-samples", type=int, nargs="*", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--modes", nargs="+", default=["fp32", "cast", "held"], choices=["fp32", "cast", "held"])
+    p.add_argument("--modes", nargs="+", default=["fp32", "cast", "held", "packed"], choices=["fp32", "cast", "held", "packed"])
     p.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -171,7 +180,7 @@ def main():
             print(f"{r['mode']:<6} {r['engine']:>14} {r['tok_s']:>8.0f}")
     print()
     keys = [*args.batch_sizes, *[f"engine{s}" for s in args.engine_samples]]
-    for num, den in [("held", "cast"), ("held", "fp32"), ("cast", "fp32")]:
+    for num, den in [("packed", "fp32"), ("packed", "held"), ("held", "cast"), ("held", "fp32")]:
         if any((num, k) in by and (den, k) in by for k in keys):
             ratios = ", ".join(f"{'batch ' + str(k) if isinstance(k, int) else k}: x{by[(num, k)]['tok_s'] / by[(den, k)]['tok_s']:.2f}"
                                for k in keys if (num, k) in by and (den, k) in by)

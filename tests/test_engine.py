@@ -310,6 +310,46 @@ print("OK")
 
 # ---------------------------------------------------------------- the seed's mock-model tests
 
+def test_engine_packs_large_weights_for_onednn_on_a_cpu(monkeypatch):
+    """Issue 17: within inference_weights a CPU holds large Linear weights re-laid out for oneDNN. With every layer
+    packed (threshold lowered), the Engine's greedy tokens are those of the plain model, its logits equal the plain
+    ones to rounding, a weight changed inside the block falls back to the exact plain product, and nothing is left
+    behind on the model."""
+    import nanochat_nb.gpt as G
+    model = tiny_gpt(3)
+    linears = [m for m in model.modules() if isinstance(m, G.Linear)]
+    assert G.packed_weight(model.lm_head.weight, COMPUTE_DTYPE) is None  # the tiny head is below the default threshold
+    c = model.config
+    with torch.inference_mode():  # the reference: plain products, outside inference_weights
+        cache = KVCache(batch_size=1, num_heads=c.n_kv_head, seq_len=len(PROMPT) + 12, head_dim=c.n_embd // c.n_head,
+                        num_layers=c.n_layer, device="cpu")
+        logits = model(torch.tensor([PROMPT]), kv_cache=cache)[:, -1]
+        ref, ref_logits = [], [logits]
+        for _ in range(12):
+            ref.append(int(logits.argmax(-1)))
+            logits = model(torch.tensor([[ref[-1]]]), kv_cache=cache)[:, -1]
+            ref_logits.append(logits)
+    monkeypatch.setattr(G, "PACK_MIN_NUMEL", 0)
+    if G.packed_weight(model.lm_head.weight, COMPUTE_DTYPE) is None:
+        pytest.skip(f"this torch build cannot pack {COMPUTE_DTYPE} weights for oneDNN")
+    gen = Engine(model, TOK).generate(PROMPT, num_samples=2, max_tokens=12, temperature=0.0)
+    cols = [next(gen)]
+    assert all(m._held[2] is not None for m in linears)  # every layer packed while generating
+    cols += list(gen)
+    assert all(m._held is None for m in linears)  # released at the end
+    assert [col for col, _ in cols] == [[r, r] for r in ref]
+    with torch.inference_mode(), G.inference_weights(model):
+        cache.reset()
+        packed_logits = [model(torch.tensor([PROMPT]), kv_cache=cache)[:, -1]]
+        packed_logits += [model(torch.tensor([[r]]), kv_cache=cache)[:, -1] for r in ref]
+        assert any(not torch.equal(a, b) for a, b in zip(packed_logits, ref_logits))  # it really took the other path
+        for a, b in zip(packed_logits, ref_logits):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 if COMPUTE_DTYPE == torch.float32 else 5e-2)
+        x = torch.randn(3, c.n_embd, dtype=COMPUTE_DTYPE)
+        model.lm_head.weight.add_(0.0)  # an in-place change: the packed copy is stale
+        assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, model.lm_head.weight.to(COMPUTE_DTYPE)))
+
+
 def test_multi_sample_first_token_diversity():
     cols = list(Engine(MockModel(), TOK).generate([SP("<|bos|>"), 72, 105], num_samples=16, max_tokens=1,
                                                   temperature=1.0, seed=42))
