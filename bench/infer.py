@@ -2,8 +2,10 @@
 token, time to first token (TTFT), time per output token (TPOT) and tokens/s for batch sizes 1, 8, 32, plus the
 Engine (sampling, tool state machine) at 1 and 8 samples.
 
-Four weight modes, side by side:
-  fp32    the model in fp32 throughout (NANOCHAT_DTYPE=float32, in a subprocess: the original's CPU configuration)
+Four modes, side by side:
+  fp32    the original's CPU configuration, in a subprocess: the model in fp32 throughout (NANOCHAT_DTYPE=float32),
+          weights used as they are, the soft-cap as the out-of-place tanh and a prefill that computes the logits of
+          every prompt position (this project now soft-caps in place through a sigmoid and asks for the last only)
   cast    compute dtype, fp32 masters cast to it on every forward (this project before issue 17)
   held    compute dtype, weights held in it while generating, none packed (gpt.inference_weights, PACK_MIN_NUMEL off)
   packed  held, and on a CPU the large ones re-laid out for oneDNN (gpt.packed_weight: what Engine does now)
@@ -57,6 +59,13 @@ def worker(args, modes):
     c = model.config
     P, N = args.prompt_len, args.new_tokens
     real_hold, real_pack_min = engine_mod.inference_weights, G.PACK_MIN_NUMEL
+    if "fp32" in modes:  # the original's forward (fp32 runs alone, in its own process)
+        G.softcap_logits = lambda logits, softcap: softcap * torch.tanh(logits / softcap)
+        plain_forward = model.forward
+        def original_forward(idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+            logits = plain_forward(idx, targets, kv_cache, loss_reduction)
+            return logits[:, -1:] if last_only else logits
+        model.forward = original_forward
 
     @contextlib.contextmanager
     def weights(mode):
@@ -76,7 +85,7 @@ def worker(args, modes):
                         num_layers=c.n_layer, device=device, dtype=COMPUTE_DTYPE)
         prompt = torch.randint(0, c.vocab_size, (B, P), device=device)
         sync(); t0 = time.perf_counter()
-        ids = model(prompt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+        ids = model(prompt, kv_cache=cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
         sync(); t1 = time.perf_counter()
         for _ in range(N - 1):
             ids = model(ids, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)

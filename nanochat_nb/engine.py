@@ -144,7 +144,7 @@ class RowState:
 
 # %% ../nbs/11_engine.ipynb #e6305371
 class Engine:
-    "Efficient inference for a GPT-like `model` (forward with kv_cache, get_device, config) and a nanochat tokenizer."
+    "Efficient inference for a GPT-like `model` (forward with kv_cache and last_only, get_device, config) and a nanochat tokenizer."
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
@@ -177,7 +177,7 @@ class Engine:
             kv_model_kwargs = {"num_heads": m.n_kv_head, "head_dim": m.n_embd // m.n_head, "num_layers": m.n_layer}
             kv_cache_prefill = KVCache(batch_size=1, seq_len=len(tokens), device=device, dtype=COMPUTE_DTYPE, **kv_model_kwargs)
             ids = torch.tensor([tokens], dtype=torch.long, device=device)
-            logits = self.model.forward(ids, kv_cache=kv_cache_prefill)
+            logits = self.model.forward(ids, kv_cache=kv_cache_prefill, last_only=True)  # the head on one position
             logits = logits[:, -1, :].expand(num_samples, -1)  # (num_samples, V)
 
             # 2) replicate the prompt's cache into a cache for every sample

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CHUNKED_LOSS', 'PACK_MIN_NUMEL', 'GPTConfig', 'config_for_depth', 'norm', 'Linear', 'has_ve', 'apply_rotary_emb',
            'CausalSelfAttention', 'MLP', 'Block', 'GPT', 'SoftcapCrossEntropy', 'softcap_cross_entropy',
-           'build_model_meta', 'packed_weight', 'inference_weights']
+           'softcap_logits', 'build_model_meta', 'packed_weight', 'inference_weights']
 
 # %% ../nbs/05_gpt.ipynb #ec30d70a
 import math
@@ -372,8 +372,14 @@ def _smear(self, x, prev):
         return x + gate * prev
     return x
 
-def _forward(self, idx, targets=None, kv_cache=None, loss_reduction='mean'):
-    "Logits (B, T, V) in fp32, or the cross-entropy loss (ignore_index -1) when `targets` is given."
+def softcap_logits(logits, softcap):
+    "`softcap·tanh(logits/softcap)`; without autograd in place, as `c·(2σ(2z/c) − 1)` (tanh is slow on CPUs)."
+    if logits.requires_grad:
+        return softcap * torch.tanh(logits / softcap)
+    return logits.mul_(2 / softcap).sigmoid_().mul_(2 * softcap).sub_(softcap)
+
+def _forward(self, idx, targets=None, kv_cache=None, loss_reduction='mean', last_only=False):
+    "Logits (B, T, V) in fp32 ((B, 1, V) with `last_only`), or the cross-entropy loss (ignore_index -1) given `targets`."
     if idx.ndim != 2:
         raise ValueError(f"GPT.forward expects token ids of shape (B, T), got {tuple(idx.shape)}")
     B, T = idx.size()
@@ -402,6 +408,10 @@ def _forward(self, idx, targets=None, kv_cache=None, loss_reduction='mean'):
         if i == backout_layer:
             x_backout = x
     x = x - self.backout_lambda.to(x.dtype) * x_backout
+    if last_only:
+        if targets is not None:
+            raise ValueError("GPT.forward: last_only=True returns the last position's logits; it cannot take targets")
+        x = x[:, -1:]
     x = norm(x)
 
     softcap = 15
@@ -411,8 +421,7 @@ def _forward(self, idx, targets=None, kv_cache=None, loss_reduction='mean'):
                                      softcap, loss_reduction, chunk_rows)
     logits = self.lm_head(x)
     logits = logits[..., :self.config.vocab_size]
-    logits = logits.float()
-    logits = softcap * torch.tanh(logits / softcap)
+    logits = softcap_logits(logits.float(), softcap)
     if targets is not None:
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
     return logits
@@ -566,9 +575,10 @@ def inference_weights(model, dtype=None):
             for m in model.modules():
                 if not isinstance(m, Linear) or "_held" in m.__dict__:  # nesting: outermost wins
                     continue
-                packed = packed_weight(m.weight, dtype)
+                weight = m.weight.detach().to(dtype)  # the master itself where it is already in `dtype`
+                packed = packed_weight(weight, dtype)
                 if m.weight.dtype != dtype or packed is not None:
-                    m._held = ((dtype, m.weight._version), m.weight.detach().to(dtype), packed)
+                    m._held = ((dtype, m.weight._version), weight if packed is None else None, packed)
                     held.append(m)
     try:
         yield model

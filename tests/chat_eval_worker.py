@@ -64,7 +64,7 @@ class ScriptedLM:
 
     def get_device(self): return torch.device("cpu")
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, last_only=False):
         B, T = idx.shape
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         if pos == 0: self.prompt_len = T
@@ -72,7 +72,7 @@ class ScriptedLM:
         generated = pos + T - self.prompt_len  # tokens generated so far
         logits = torch.zeros(B, T, self.vocab_size)
         logits[:, -1, self.script[min(generated, len(self.script) - 1)]] = 10.0
-        return logits
+        return logits[:, -1:] if last_only else logits
     __call__ = forward
 
 

@@ -45,9 +45,9 @@ class NeverEnds:
         self.forward_calls = 0
     def get_device(self):
         return self.model.get_device()
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, last_only=False):
         self.forward_calls += 1
-        logits = self.model.forward(ids, kv_cache=kv_cache)
+        logits = self.model.forward(ids, kv_cache=kv_cache, last_only=last_only)
         logits[..., self.banned] = float("-inf")
         return logits
 

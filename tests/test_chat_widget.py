@@ -34,8 +34,8 @@ class TextOnly:
         self.allowed = [*range(256), tok.encode_special("<|assistant_end|>")]
     def get_device(self):
         return self.model.get_device()
-    def forward(self, ids, kv_cache=None):
-        logits = self.model.forward(ids, kv_cache=kv_cache)
+    def forward(self, ids, kv_cache=None, last_only=False):
+        logits = self.model.forward(ids, kv_cache=kv_cache, last_only=last_only)
         masked = torch.full_like(logits, float("-inf"))
         masked[..., self.allowed] = logits[..., self.allowed]
         return masked

@@ -42,10 +42,10 @@ class MockModel:
         self.vocab_size = vocab_size
         self.config = SimpleNamespace(n_kv_head=4, n_head=4, n_embd=64, n_layer=2, sequence_len=128)
     def get_device(self): return torch.device("cpu")
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, last_only=False):
         B, T = ids.shape
         if kv_cache is not None: kv_cache.advance(T)
-        return torch.zeros(B, T, self.vocab_size)
+        return torch.zeros(B, 1 if last_only else T, self.vocab_size)
 
 
 class ScriptedModel(MockModel):
@@ -55,7 +55,7 @@ class ScriptedModel(MockModel):
         self.script = script
         self.config = SimpleNamespace(n_kv_head=1, n_head=1, n_embd=8, n_layer=1, sequence_len=sequence_len)
         self.forward_calls = 0
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, last_only=False):
         self.forward_calls += 1
         B, T = ids.shape
         logits = torch.zeros(B, T, self.vocab_size)
@@ -63,7 +63,7 @@ class ScriptedModel(MockModel):
             for t in range(T):
                 logits[b, t, self.script.get(ids[b, t].item(), 0)] = 100.0
         if kv_cache is not None: kv_cache.advance(T)
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def tiny_gpt(seed=0, window_pattern="SL", n_head=2, n_kv_head=2, sequence_len=512, vocab_size=265):
@@ -308,8 +308,6 @@ print("OK")
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
-# ---------------------------------------------------------------- the seed's mock-model tests
-
 def test_engine_packs_large_weights_for_onednn_on_a_cpu(monkeypatch):
     """Issue 17: within inference_weights a CPU holds large Linear weights re-laid out for oneDNN. With every layer
     packed (threshold lowered), the Engine's greedy tokens are those of the plain model, its logits equal the plain
@@ -349,6 +347,21 @@ def test_engine_packs_large_weights_for_onednn_on_a_cpu(monkeypatch):
         model.lm_head.weight.add_(0.0)  # an in-place change: the packed copy is stale
         assert torch.equal(model.lm_head(x), torch.nn.functional.linear(x, model.lm_head.weight.to(COMPUTE_DTYPE)))
 
+
+def test_engine_prefill_asks_the_model_for_the_last_position_only():
+    "The prompt's forward computes the head on its last position (last_only); decode steps are one token anyway."
+    calls = []
+    class Spy(ScriptedModel):
+        def forward(self, ids, kv_cache=None, last_only=False):
+            calls.append((ids.size(1), last_only))
+            return super().forward(ids, kv_cache, last_only)
+    script = {PROMPT[-1]: ord("a"), ord("a"): ord("b"), ord("b"): ord("c")}
+    cols = list(Engine(Spy(script), TOK).generate(PROMPT, num_samples=2, max_tokens=3, temperature=0.0))
+    assert [col for col, _ in cols] == [[ord("a")] * 2, [ord("b")] * 2, [ord("c")] * 2]
+    assert calls == [(len(PROMPT), True), (1, False), (1, False)]
+
+
+# ---------------------------------------------------------------- the seed's mock-model tests
 
 def test_multi_sample_first_token_diversity():
     cols = list(Engine(MockModel(), TOK).generate([SP("<|bos|>"), 72, 105], num_samples=16, max_tokens=1,
@@ -431,7 +444,7 @@ def test_string_count_tool():
     chain = [SP("<|python_start|>"), *expr, SP("<|python_end|>")]
     # repeated letters make a last-token script ambiguous, so this model scripts by position instead
     class PositionModel(ScriptedModel):
-        def forward(self, ids, kv_cache=None):
+        def forward(self, ids, kv_cache=None, last_only=False):
             pos = kv_cache.get_pos() if kv_cache is not None else 0
             B, T = ids.shape
             logits = torch.zeros(B, T, self.vocab_size)
@@ -439,7 +452,7 @@ def test_string_count_tool():
             target = chain[step] if 0 <= step < len(chain) else SP("<|assistant_end|>")
             logits[:, -1, target] = 100.0
             if kv_cache is not None: kv_cache.advance(T)
-            return logits
+            return logits[:, -1:] if last_only else logits
     cols = list(Engine(PositionModel({}), TOK).generate(TOOL_PROMPT, max_tokens=len(chain) + 3, temperature=0.0))
     tokens = [c[0] for c, _ in cols]
     assert tokens[:len(chain) + 3] == chain + [SP("<|output_start|>"), ord("3"), SP("<|output_end|>")]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat_nb.common import COMPUTE_DTYPE
-from nanochat_nb.gpt import (GPT, GPTConfig, Linear, apply_rotary_emb, build_model_meta, config_for_depth, has_ve, norm,
+from nanochat_nb.gpt import (GPT, softcap_logits, GPTConfig, Linear, apply_rotary_emb, build_model_meta, config_for_depth, has_ve, norm,
                              softcap_cross_entropy)
 from nanochat_nb import fp8
 from tests.conftest import REPO
@@ -312,6 +312,38 @@ def test_forward_matches_loop_reference(pattern, windows):
         model.window_sizes = windows  # small windows at a small T
     idx = torch.randint(0, 100, (2, 23))
     torch.testing.assert_close(model(idx), reference_forward(model, idx), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("pattern,windows", [("L", None), ("SL", [(5, 0), (64, 0), (64, 0)])])
+def test_last_only_is_the_last_column_of_the_loop_reference(pattern, windows):
+    model = make_model(seed=6, window_pattern=pattern)
+    perturb_scalars(model)
+    if windows:
+        model.window_sizes = windows
+    idx = torch.randint(0, 100, (3, 17))
+    with torch.no_grad():  # the in-place sigmoid soft-cap, against the reference's tanh
+        last = model(idx, last_only=True)
+        full = model(idx)
+    assert last.shape == (3, 1, 100)
+    torch.testing.assert_close(last, reference_forward(model, idx)[:, -1:], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(full, reference_forward(model, idx), atol=2e-4, rtol=2e-4)
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, targets=idx, last_only=True)
+
+
+def test_softcap_logits_in_place_without_autograd_equals_tanh():
+    z = torch.randn(5, 300, dtype=torch.float64) * 30
+    ref = 15 * torch.tanh(z / 15)
+    out = z.clone()
+    with torch.no_grad():
+        res = softcap_logits(out, 15)
+    assert res.data_ptr() == out.data_ptr()  # in place: no (B, T, V) temporaries
+    torch.testing.assert_close(res, ref, atol=1e-12, rtol=1e-12)
+    zg = z.clone().requires_grad_()
+    res = softcap_logits(zg, 15)
+    assert res.data_ptr() != zg.data_ptr() and torch.equal(res, ref)  # with autograd: the tanh expression itself
+    res.sum().backward()
+    torch.testing.assert_close(zg.grad, 1 - torch.tanh(z / 15) ** 2)
 
 
 def test_loss_mean_none_and_ignore_index():

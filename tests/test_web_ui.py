@@ -29,9 +29,9 @@ class Paced:
         self.steps = 0
     def get_device(self):
         return self.model.get_device()
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, last_only=False):
         self.steps = 0 if ids.size(1) > 1 else self.steps + 1  # a prompt (prefill) starts a new answer
-        logits = self.model.forward(ids, kv_cache=kv_cache)
+        logits = self.model.forward(ids, kv_cache=kv_cache, last_only=last_only)
         allowed = [self.end] if self.steps >= LENGTH else self.letters
         masked = torch.full_like(logits, float("-inf"))
         masked[..., allowed] = logits[..., allowed]
