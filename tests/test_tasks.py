@@ -400,6 +400,24 @@ def test_offline_build_is_deterministic_decontaminated_and_loadable(base_dir, mo
     assert all(gsm[i]["messages"][0]["content"] != r["question"] for i in range(len(gsm)) for r in GSM8K_REAL[:1])
 
 
+def test_offline_build_without_bigbench_keeps_chitchat(base_dir, monkeypatch, capsys):
+    "An index without bigbench==1.0.0: the SmolTalk stand-in is chitchat alone, said so in its manifest, not an error."
+    from nanochat_nb import offline
+    cache = os.path.join(base_dir, "offline_sources"); os.makedirs(cache)
+    fake_packages(cache)
+    os.remove(os.path.join(cache, "bigbench-1.0.0.tar.gz"))
+    monkeypatch.setattr(offline, "_fetch_command", lambda pkg: ["false"])  # and it cannot be fetched
+    monkeypatch.setattr(offline, "eval_ngram_index", lambda **kw: (offline.NgramIndex([r["question"] for r in GSM8K_REAL], 13), {}))
+    summary = task_data.build_offline_task_data(cache_dir=cache, ni_per_subtask=4, identity_n=50)
+    assert "built without BIG-bench" in capsys.readouterr().out
+    described = {(r, s, sp): d for r, s, sp, _, d in summary}
+    assert described[("HuggingFaceTB/smol-smoltalk", "default", "train")] == "STAND-IN: chitchat"
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", "offline")
+    talk = tasks.SmolTalk("train"), tasks.SmolTalk("test")
+    assert sum(len(t) for t in talk) == 40 - 1  # every chitchat conversation but the planted one
+    assert {t.ds[i]["source"] for t in talk for i in range(len(t))} == {"chitchat"}
+
+
 def test_missing_package_names_it(base_dir, monkeypatch):
     from nanochat_nb import offline
     monkeypatch.setattr(offline, "_fetch_command", lambda pkg: ["false"])
