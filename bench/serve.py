@@ -40,8 +40,8 @@ class NoSpecials(torch.nn.Module):
         self.model, self.config, self.rotary_seq_len = model, model.config, model.rotary_seq_len
         self.first_special = tok.first_special
     def get_device(self): return self.model.get_device()
-    def forward(self, ids, kv_cache=None):
-        logits = self.model.forward(ids, kv_cache=kv_cache)
+    def forward(self, ids, kv_cache=None, last_only=False):
+        logits = self.model.forward(ids, kv_cache=kv_cache, last_only=last_only)
         logits[..., self.first_special:] = float("-inf")
         return logits
 
