@@ -542,24 +542,28 @@ def get_parser():
     return parser
 
 def _log_report(model_name, core_results, bpb_results, samples, unconditioned_samples):
+    "bpb to the report's 'Base model loss' section (the original's base_loss did), CORE and samples to 'Base model evaluation'."
     try:
         from nanochat_nb.report import get_report
     except ImportError:
         print0("(nanochat_nb.report not available: results not added to the report)")
+        return
+    report = get_report()
+    if bpb_results:
+        report.log(section="Base model loss", data=[{"model": model_name, "train bpb": bpb_results.get("train"),
+                                                      "val bpb": bpb_results.get("val")}])
+    if not (core_results or samples or unconditioned_samples):
         return
     report_data = [{"model": model_name}]
     if core_results:
         key = "CORE metric (offline bundle)" if core_results.get("offline") else "CORE metric"
         report_data[0][key] = core_results["core_metric"]
         report_data.append(core_results["centered_results"])
-    if bpb_results:
-        report_data[0]["train bpb"] = bpb_results.get("train")
-        report_data[0]["val bpb"] = bpb_results.get("val")
     if samples:
         report_data.append({f"sample {i}": s for i, s in enumerate(samples)})
     if unconditioned_samples:
         report_data.append({f"unconditioned {i}": s for i, s in enumerate(unconditioned_samples)})
-    get_report().log(section="Base model evaluation", data=report_data)
+    report.log(section="Base model evaluation", data=report_data)
 
 def main(argv=None):
     parser = get_parser()

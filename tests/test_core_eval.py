@@ -522,6 +522,13 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(base_dir, fake_cache, tmp_path):
     rows = open(base_dir / "base_eval" / "base_model_000005_offline.csv").read().splitlines()
     assert len(rows) == 5 and rows[-1].startswith("CORE (offline)")
     assert not os.path.exists(base_dir / "base_eval" / "base_model_000005.csv")
+    # the report: bpb in "Base model loss" (the section the seed expected but never wrote), CORE + samples in the other
+    loss_md = open(base_dir / "report" / "base-model-loss.md").read()
+    assert loss_md.startswith("## Base model loss\n") and "- model: base_model (step 5)" in loss_md
+    assert f"- train bpb: {r['bpb']['train']:.4f}\n- val bpb: {r['bpb']['val']:.4f}\n" in loss_md
+    eval_md = open(base_dir / "report" / "base-model-evaluation.md").read()
+    assert f"- CORE metric (offline bundle): {r['core']['core_metric']:.4f}" in eval_md and "bpb" not in eval_md
+    assert "- sample 0: <|bos|>The capital of France is" in eval_md and "- unconditioned 7: " in eval_md
 
 
 def test_hf_path_without_transformers_is_a_clear_error():
