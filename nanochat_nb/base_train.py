@@ -182,11 +182,16 @@ def format_eta(seconds):
     return f" | eta: {m // 60}h{m % 60:02d}m" if m >= 60 else f" | eta: {seconds / 60:.1f}m"
 
 # %% ../nbs/09_base_train.ipynb #f9578228
-# measured on a loaded 2-core AMD EPYC (issue 17), d4, bf16, chunked loss
-CPU_COMPILE_MODEL = dict(eager_mfu=0.30, model_saving=0.10, optim_eager_s_per_param=2.5e-8, optim_saving_s_per_param=2e-8,
-                         base_s=40.0, per_layer_s=15.0)
+# measured on 2-core AMD EPYCs (issue 17), d4, chunked loss: bf16 on one with AVX512-BF16, fp32 on one with AVX2 only
+CPU_COMPILE_MODEL = {
+    "bfloat16": dict(eager_mfu=0.30, model_saving=0.10, optim_eager_s_per_param=2.5e-8, optim_saving_s_per_param=2e-8,
+                     base_s=40.0, per_layer_s=15.0),
+    "float32": dict(eager_mfu=0.40, model_saving=0.0, optim_eager_s_per_param=2.5e-8, optim_saving_s_per_param=0.0,
+                    base_s=40.0, per_layer_s=15.0),
+}
 
-def decide_compile(mode, device_type, num_iterations, grad_accum_steps, flops_per_fwdbwd, peak_flops, num_params, n_layer):
+def decide_compile(mode, device_type, num_iterations, grad_accum_steps, flops_per_fwdbwd, peak_flops, num_params, n_layer,
+                   dtype=COMPUTE_DTYPE):
     "(compile?, why) for `--compile=mode`: forced by 1/0; auto compiles on CUDA, on a CPU when the run wins the cost back."
     if mode in ("0", "1"):
         return mode == "1", f"forced by --compile={mode}"
@@ -194,15 +199,19 @@ def decide_compile(mode, device_type, num_iterations, grad_accum_steps, flops_pe
         return True, "auto: CUDA"
     if device_type != "cpu":
         return False, f"auto: not on {device_type}"
-    c = CPU_COMPILE_MODEL
+    name = "bfloat16" if dtype == torch.bfloat16 else "float32"  # fp16 on a CPU has no measurements of its own
+    c = CPU_COMPILE_MODEL[name]
     fwdbwd_s = flops_per_fwdbwd / (peak_flops * c["eager_mfu"])
+    step_s = grad_accum_steps * fwdbwd_s + num_params * c["optim_eager_s_per_param"]
     saved_s = grad_accum_steps * fwdbwd_s * c["model_saving"] + num_params * c["optim_saving_s_per_param"]
     cost_s = c["base_s"] + c["per_layer_s"] * n_layer
+    if saved_s <= 0:
+        return False, (f"auto on CPU: in {name} compiling saves nothing measurable of a ~{step_s:.1f}s eager step "
+                       f"(it measured x0.9 of eager), so it never wins its ~{cost_s:.0f}s back")
     break_even = math.ceil(cost_s / saved_s)
     use = num_iterations > break_even
-    step_s = grad_accum_steps * fwdbwd_s + num_params * c["optim_eager_s_per_param"]
-    return use, (f"auto on CPU: compiling costs ~{cost_s:.0f}s and saves ~{saved_s:.2f}s of a ~{step_s:.1f}s eager step, "
-                 f"so it pays after ~{break_even} steps; this run has {num_iterations}")
+    return use, (f"auto on CPU: in {name} compiling costs ~{cost_s:.0f}s and saves ~{saved_s:.2f}s of a ~{step_s:.1f}s "
+                 f"eager step, so it pays after ~{break_even} steps; this run has {num_iterations}")
 
 # %% ../nbs/09_base_train.ipynb #81afd80c
 def main(argv=None):

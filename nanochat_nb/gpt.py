@@ -252,8 +252,8 @@ GPT.init_weights = _init_weights
 
 # %% ../nbs/05_gpt.ipynb #2b5dd0c4
 def _softcap_sigmoid(x, w, softcap):
-    "σ(2·logits/c) of one chunk in fp32: the soft-capped logits are c·(2σ − 1)."
-    return F.linear(x, w).float().mul_(2 / softcap).sigmoid_()
+    "σ(2·logits/c) of one chunk, vocab-major (V, rows) in fp32: the soft-capped logits are c·(2σ − 1)."
+    return (w @ x.t()).float().mul_(2 / softcap).sigmoid_()
 
 def _softmax_numerators(sg, softcap):
     "exp(s − c) for the soft-capped logits s = c·(2σ − 1); |s| <= c, so no max is needed."
@@ -261,17 +261,17 @@ def _softmax_numerators(sg, softcap):
 
 def _chunk_dlogits(sg, e, lse, t, row_scale, softcap, dtype):
     "d loss/d logits = (softmax(s) − onehot(t)) · 4σ(1 − σ) · row_scale, overwriting `e` and `sg`."
-    p = e.mul_((row_scale * (softcap - lse).exp() * 4).unsqueeze(1))
-    p.scatter_add_(1, t.unsqueeze(1), (-4 * row_scale).unsqueeze(1))
+    p = e.mul_((row_scale * (softcap - lse).exp() * 4).unsqueeze(0))
+    p.scatter_add_(0, t.unsqueeze(0), (-4 * row_scale).unsqueeze(0))
     return p.mul_(sg.sub_(sg.square())).to(dtype)
 
 def _accumulate_grads(dl, xc, w, grad_x, grad_w, buf):
-    "grad_x[rows] = dl·W; grad_W[:V] += dlᵀ·x (fp32; a low-precision product goes through `buf`, not a new tensor)."
-    grad_x.copy_(dl @ w)
+    "grad_x[rows] = dlᵀ·W; grad_W[:V] += dl·x for a vocab-major dl (fp32; a low-precision product goes through `buf`)."
+    grad_x.copy_((w.t() @ dl).t())
     if buf is None:
-        grad_w.addmm_(dl.t(), xc)
+        grad_w.addmm_(dl, xc)
     else:
-        grad_w.add_(buf.copy_(dl.t() @ xc))
+        grad_w.add_(buf.copy_(dl @ xc))
 
 class SoftcapCrossEntropy(torch.autograd.Function):
     "Chunked lm_head + soft-cap + cross-entropy (ignore_index −1); see `softcap_cross_entropy`."
@@ -295,8 +295,8 @@ class SoftcapCrossEntropy(torch.autograd.Function):
             rows = slice(i, i + chunk_rows)
             sg = _softcap_sigmoid(x[rows], w, softcap)
             e = _softmax_numerators(sg, softcap)
-            lse = e.sum(1).log_().add_(softcap)
-            s_target = sg.gather(1, t[rows].unsqueeze(1)).squeeze(1).mul_(2 * softcap).sub_(softcap)
+            lse = e.sum(0).log_().add_(softcap)
+            s_target = sg.gather(0, t[rows].unsqueeze(0)).squeeze(0).mul_(2 * softcap).sub_(softcap)
             losses[rows] = torch.where(valid[rows], lse - s_target, 0.0)
             if fused:
                 dl = _chunk_dlogits(sg, e, lse, t[rows], row_scale[rows], softcap, x.dtype)

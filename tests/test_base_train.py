@@ -104,12 +104,13 @@ def test_indivisible_batch_is_clear(train_dir):
 
 def test_compile_decision_forced_both_ways_and_auto_by_run_length():
     from nanochat_nb.base_train import CPU_COMPILE_MODEL, decide_compile
-    shape = dict(grad_accum_steps=2, flops_per_fwdbwd=1e11, peak_flops=1e11, num_params=10_000_000, n_layer=4)
+    shape = dict(grad_accum_steps=2, flops_per_fwdbwd=1e11, peak_flops=1e11, num_params=10_000_000, n_layer=4,
+                 dtype=torch.bfloat16)
     assert decide_compile("1", "cpu", 1, **shape) == (True, "forced by --compile=1")
     assert decide_compile("0", "cuda", 10**6, **shape) == (False, "forced by --compile=0")
     assert decide_compile("auto", "cuda", 1, **shape)[0] and not decide_compile("auto", "mps", 10**6, **shape)[0]
     # the break-even from the cost model, restated: cost / (model saving + optimizer saving) per step
-    c = CPU_COMPILE_MODEL
+    c = CPU_COMPILE_MODEL["bfloat16"]
     saved = 2 * 1e11 / (1e11 * c["eager_mfu"]) * c["model_saving"] + 10_000_000 * c["optim_saving_s_per_param"]
     break_even = (c["base_s"] + 4 * c["per_layer_s"]) / saved
     short, long = int(break_even) - 1, int(break_even) + 2
@@ -118,6 +119,11 @@ def test_compile_decision_forced_both_ways_and_auto_by_run_length():
     assert f"this run has {short}" in why and "pays after" in why
     # a bigger model (more FLOPs per step) reaches break-even sooner
     assert decide_compile("auto", "cpu", short, **{**shape, "flops_per_fwdbwd": 1e13})[0]
+    # in fp32 (no casts to fuse) compiling measured no saving on a CPU: auto never compiles, forcing still does
+    fp32 = {**shape, "dtype": torch.float32}
+    use, why = decide_compile("auto", "cpu", 10**9, **{**fp32, "flops_per_fwdbwd": 1e13})
+    assert not use and "in float32 compiling saves nothing" in why and "never wins" in why
+    assert decide_compile("1", "cpu", 1, **fp32)[0] and decide_compile("auto", "cuda", 1, **fp32)[0]
 
 
 def test_cli_entry_point_bf16(train_dir):
@@ -132,7 +138,7 @@ def test_cli_entry_point_bf16(train_dir):
     assert len(runs) == 1  # wandb logged offline
     assert "COMPUTE_DTYPE: torch.bfloat16" in proc.stdout and "step 00002/00003" in proc.stdout
     assert "Validation bpb" in proc.stdout and "The capital of France is" in proc.stdout
-    assert "torch.compile: off (auto on CPU: compiling costs" in proc.stdout  # 3 steps never win a compile back
+    assert "torch.compile: off (auto on CPU: in bfloat16 compiling costs" in proc.stdout  # 3 steps never win it back
     assert os.path.exists(os.path.join(train_dir, "base_checkpoints", "d2", "model_000003.pt"))
 
 
