@@ -14,6 +14,9 @@ dtype is chosen with NANOCHAT_DTYPE per process) on the same data, model, seed a
 A configuration is `dtype-mode[-loss][-optN]`: dtype fp32|bf16, mode eager|compile (--compile=0|1), loss
 plain|chunked (NANOCHAT_CHUNKED_LOSS=0|1; default: the model's choice, chunked on a CPU), optN the optimizer step
 compiled or not (NANOCHAT_OPTIM_COMPILE=N; default: base_train's choice, compiled with --compile=1 on a CPU).
+Each configuration compiles into an inductor cache of its own, fresh in this bench run, so its step0 is a cold start;
+a `-warm` suffix runs the same configuration again on the cache its first run left, as a user's second run would
+(e.g. `--configs orig-fp32,orig-fp32-warm`).
 Two aliases stand for the original's code paths on a CPU: `orig-fp32` = fp32-compile-plain-opt1 (its default: fp32,
 compiled model and optimizer, full logits) and `orig-bf16` = bf16-compile-plain-opt1 (the same forced to bf16).
 Quality (final loss, val bpb) over a few dozen steps at this tiny batch is chaotic: right after warm-up the loss
@@ -32,6 +35,7 @@ Usage: python bench/train.py [--steps 60] [--depth 4] [--configs orig-fp32,orig-
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,7 +66,8 @@ def prepare_base_dir(base_dir, vocab_size):
 
 
 def run_config(name, base_dir, train_args, peaks):
-    dtype, mode, *extra = ALIASES.get(name, name).split("-")
+    cold_name = name.removesuffix("-warm")
+    dtype, mode, *extra = ALIASES.get(cold_name, cold_name).split("-")
     env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
            "NANOCHAT_DTYPE": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
     for e in extra:
@@ -72,6 +77,13 @@ def run_config(name, base_dir, train_args, peaks):
             env["NANOCHAT_OPTIM_COMPILE"] = e[-1]
         else:
             sys.exit(f"bench/train.py: unknown part {e!r} in config {name!r}; see --help")
+    # one inductor cache per configuration (not the user's default, which earlier runs may have warmed)
+    cache_dir = os.path.join(base_dir, f"inductor_cache_{cold_name}")
+    if name != cold_name and not os.path.isdir(cache_dir):
+        sys.exit(f"bench/train.py: {name} needs {cold_name} to run before it in --configs (it reuses that run's cache)")
+    if name == cold_name:
+        shutil.rmtree(cache_dir, ignore_errors=True)  # cold, even in a --base-dir an earlier bench run used
+    env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         results_path = f.name
     env["RESULTS_JSON"] = results_path

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['B_REF', 'SAMPLE_PROMPTS', 'CPU_COMPILE_MODEL', 'get_parser', 'get_scaling_params', 'derive_batch_and_scaling',
            'get_num_iterations', 'get_lr_multiplier', 'get_muon_momentum', 'get_weight_decay', 'sample_completions',
-           'format_eta', 'decide_compile', 'main']
+           'format_eta', 'decide_compile', 'apply_compile', 'main']
 
 # %% ../nbs/09_base_train.ipynb #ee1910c5
 import argparse
@@ -182,36 +182,53 @@ def format_eta(seconds):
     return f" | eta: {m // 60}h{m % 60:02d}m" if m >= 60 else f" | eta: {seconds / 60:.1f}m"
 
 # %% ../nbs/09_base_train.ipynb #f9578228
-# measured on 2-core AMD EPYCs (issue 17), d4, chunked loss: bf16 on one with AVX512-BF16, fp32 on one with AVX2 only
+# measured on 2-core AMD EPYCs (issue 17), d4, V = 32768, chunked loss: bf16 on one with AVX512-BF16, fp32 on one
+# with AVX2 only. Savings are fractions of the eager time of that part of a step; costs are cold-cache compile times.
 CPU_COMPILE_MODEL = {
-    "bfloat16": dict(eager_mfu=0.30, model_saving=0.10, optim_eager_s_per_param=2.5e-8, optim_saving_s_per_param=2e-8,
-                     base_s=40.0, per_layer_s=15.0),
-    "float32": dict(eager_mfu=0.40, model_saving=0.0, optim_eager_s_per_param=2.5e-8, optim_saving_s_per_param=0.0,
-                    base_s=40.0, per_layer_s=15.0),
+    "bfloat16": dict(eager_mfu=0.30, model_saving=0.10, model_cost_s=40.0, model_cost_per_layer_s=15.0,
+                     optim_eager_s_per_param=2.5e-8, optim_saving=0.8, optim_cost_s=10.0),
+    "float32": dict(eager_mfu=0.40, model_saving=0.0, model_cost_s=40.0, model_cost_per_layer_s=15.0,
+                    optim_eager_s_per_param=2.5e-8, optim_saving=0.6, optim_cost_s=10.0),
 }
+
+def _pays_back(what, eager_s, saving, cost_s, num_iterations):
+    "(compile?, why) for one part of a step: compile when the run is longer than cost / saving per step."
+    saved_s = eager_s * saving
+    if saved_s <= 0:
+        return False, f"the {what} (~{eager_s:.2f}s eager) saves nothing measurable"
+    break_even = math.ceil(cost_s / saved_s)
+    return num_iterations > break_even, (f"the {what} costs ~{cost_s:.0f}s to compile and saves ~{saved_s:.2f}s of "
+                                         f"~{eager_s:.2f}s per step, so it pays after ~{break_even} steps")
 
 def decide_compile(mode, device_type, num_iterations, grad_accum_steps, flops_per_fwdbwd, peak_flops, num_params, n_layer,
                    dtype=COMPUTE_DTYPE):
-    "(compile?, why) for `--compile=mode`: forced by 1/0; auto compiles on CUDA, on a CPU when the run wins the cost back."
+    "(compile the model?, compile the optimizer step?, why) for `--compile=mode`: forced by 1/0; auto as estimated."
     if mode in ("0", "1"):
-        return mode == "1", f"forced by --compile={mode}"
+        return mode == "1", mode == "1", f"forced by --compile={mode}"
     if device_type == "cuda":
-        return True, "auto: CUDA"
+        return True, True, "auto: CUDA"
     if device_type != "cpu":
-        return False, f"auto: not on {device_type}"
+        return False, False, f"auto: not on {device_type}"
     name = "bfloat16" if dtype == torch.bfloat16 else "float32"  # fp16 on a CPU has no measurements of its own
     c = CPU_COMPILE_MODEL[name]
-    fwdbwd_s = flops_per_fwdbwd / (peak_flops * c["eager_mfu"])
-    step_s = grad_accum_steps * fwdbwd_s + num_params * c["optim_eager_s_per_param"]
-    saved_s = grad_accum_steps * fwdbwd_s * c["model_saving"] + num_params * c["optim_saving_s_per_param"]
-    cost_s = c["base_s"] + c["per_layer_s"] * n_layer
-    if saved_s <= 0:
-        return False, (f"auto on CPU: in {name} compiling saves nothing measurable of a ~{step_s:.1f}s eager step "
-                       f"(it measured x0.9 of eager), so it never wins its ~{cost_s:.0f}s back")
-    break_even = math.ceil(cost_s / saved_s)
-    use = num_iterations > break_even
-    return use, (f"auto on CPU: in {name} compiling costs ~{cost_s:.0f}s and saves ~{saved_s:.2f}s of a ~{step_s:.1f}s "
-                 f"eager step, so it pays after ~{break_even} steps; this run has {num_iterations}")
+    fwdbwd_s = grad_accum_steps * flops_per_fwdbwd / (peak_flops * c["eager_mfu"])
+    model, why_model = _pays_back("model", fwdbwd_s, c["model_saving"],
+                                  c["model_cost_s"] + c["model_cost_per_layer_s"] * n_layer, num_iterations)
+    optim, why_optim = _pays_back("optimizer step", num_params * c["optim_eager_s_per_param"], c["optim_saving"],
+                                  c["optim_cost_s"], num_iterations)
+    return model, optim, f"auto on CPU in {name}: {why_model}; {why_optim}; this run has {num_iterations} steps"
+
+def apply_compile(model, compile_model, compile_optim, device_type):
+    "Compile `model` and/or turn on the compiled optimizer step; (the model, a line saying what runs compiled)."
+    if compile_model:
+        model = torch.compile(model, dynamic=False)
+    env = os.environ.get("NANOCHAT_OPTIM_COMPILE")
+    if env is None and compile_optim and device_type == "cpu":  # on CUDA the optimizer step compiles anyway
+        os.environ["NANOCHAT_OPTIM_COMPILE"] = "1"  # main() restores the variable
+    optim_mode = os.environ.get("NANOCHAT_OPTIM_COMPILE", "auto")
+    optim_on = optim_mode == "1" or (optim_mode == "auto" and device_type == "cuda")
+    note = f", as NANOCHAT_OPTIM_COMPILE={env} says" if env is not None else ""
+    return model, f"model {'on' if compile_model else 'off'}, optimizer step {'on' if optim_on else 'off'}{note}"
 
 # %% ../nbs/09_base_train.ipynb #81afd80c
 def main(argv=None):
@@ -376,14 +393,11 @@ def _train(args, user_config, device_type, ddp_rank, ddp_world_size, device, mas
     print0(f"Tokens : Scaling params ratio: {total_batch_size * num_iterations / num_scaling_params:.2f}")
     print0(f"Total training FLOPs estimate: {num_flops_per_token * total_tokens:e}")
     # torch.compile, now that the length of the run is known
-    use_compile, why = decide_compile(args.compile, device_type, num_iterations, grad_accum_steps,
-                                      num_flops_per_token * tokens_per_fwdbwd, gpu_peak_flops, num_params,
-                                      model_config.n_layer)
-    if use_compile:
-        model = torch.compile(model, dynamic=False)
-        if device_type == "cpu" and "NANOCHAT_OPTIM_COMPILE" not in os.environ:
-            os.environ["NANOCHAT_OPTIM_COMPILE"] = "1"  # the optimizer step too (main() restores the variable)
-    print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
+    compile_model, compile_optim, why = decide_compile(args.compile, device_type, num_iterations, grad_accum_steps,
+                                                       num_flops_per_token * tokens_per_fwdbwd, gpu_peak_flops,
+                                                       num_params, model_config.n_layer)
+    model, compiled = apply_compile(model, compile_model, compile_optim, device_type)
+    print0(f"torch.compile: {compiled} ({why})")
     # -------------------------------------------------------------------------
     # Loop state
     if not resuming:

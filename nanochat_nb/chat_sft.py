@@ -20,7 +20,7 @@ from .checkpoint_manager import (load_model, load_checkpoint, save_checkpoint, f
                                             find_largest_model, save_rng_state, load_rng_state)
 from .tokenizer import get_token_bytes
 from .loss_eval import evaluate_bpb
-from .base_train import decide_compile
+from .base_train import apply_compile, decide_compile
 from .train_loop import (make_grad_scaler, set_schedules, optimizer_step, accumulated_step, SmoothedLoss,
                                     peak_flops_for, any_rank, gather_over_ranks, manage_gc, restore_gc)
 from .tasks import TaskMixture, SmolTalk, MMLU, GSM8K, SimpleSpelling, SpellingBee, identity_conversations
@@ -263,12 +263,11 @@ def _train(args, user_config, device_type, device, rank, world_size, wandb_run):
         orig_model.load_state_dict(model_data, strict=True, assign=True); del model_data
     # base_train's rule; an epoch of the full mixture (num_iterations -1) is many thousands of steps
     horizon = args.num_iterations if args.num_iterations > 0 else 10**6
-    use_compile, why = decide_compile(args.compile, device_type, horizon, grad_accum_steps, num_flops_per_token * tokens_per_fwdbwd,
-                                      peak_flops, orig_model.num_scaling_params()["total"], orig_model.config.n_layer)
-    if use_compile:
-        model = torch.compile(orig_model, dynamic=False)
-        if device_type == "cpu": os.environ.setdefault("NANOCHAT_OPTIM_COMPILE", "1")  # as base_train: the optimizer step too
-    print0(f"torch.compile: {'on' if use_compile else 'off'} ({why})")
+    compile_model, compile_optim, why = decide_compile(args.compile, device_type, horizon, grad_accum_steps,
+                                                       num_flops_per_token * tokens_per_fwdbwd, peak_flops,
+                                                       orig_model.num_scaling_params()["total"], orig_model.config.n_layer)
+    model, compiled = apply_compile(orig_model, compile_model, compile_optim, device_type)
+    print0(f"torch.compile: {compiled} ({why})")
     # --- optimizer
     optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                            matrix_lr=args.matrix_lr, weight_decay=0.0)

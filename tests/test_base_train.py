@@ -106,24 +106,46 @@ def test_compile_decision_forced_both_ways_and_auto_by_run_length():
     from nanochat_nb.base_train import CPU_COMPILE_MODEL, decide_compile
     shape = dict(grad_accum_steps=2, flops_per_fwdbwd=1e11, peak_flops=1e11, num_params=10_000_000, n_layer=4,
                  dtype=torch.bfloat16)
-    assert decide_compile("1", "cpu", 1, **shape) == (True, "forced by --compile=1")
-    assert decide_compile("0", "cuda", 10**6, **shape) == (False, "forced by --compile=0")
-    assert decide_compile("auto", "cuda", 1, **shape)[0] and not decide_compile("auto", "mps", 10**6, **shape)[0]
-    # the break-even from the cost model, restated: cost / (model saving + optimizer saving) per step
+    assert decide_compile("1", "cpu", 1, **shape) == (True, True, "forced by --compile=1")
+    assert decide_compile("0", "cuda", 10**6, **shape) == (False, False, "forced by --compile=0")
+    assert decide_compile("auto", "cuda", 1, **shape)[:2] == (True, True)
+    assert decide_compile("auto", "mps", 10**6, **shape)[:2] == (False, False)
+    # each break-even from the cost model, restated: compile cost / (eager seconds x saved fraction) per step
     c = CPU_COMPILE_MODEL["bfloat16"]
-    saved = 2 * 1e11 / (1e11 * c["eager_mfu"]) * c["model_saving"] + 10_000_000 * c["optim_saving_s_per_param"]
-    break_even = (c["base_s"] + 4 * c["per_layer_s"]) / saved
-    short, long = int(break_even) - 1, int(break_even) + 2
-    assert not decide_compile("auto", "cpu", short, **shape)[0] and decide_compile("auto", "cpu", long, **shape)[0]
-    why = decide_compile("auto", "cpu", short, **shape)[1]
-    assert f"this run has {short}" in why and "pays after" in why
-    # a bigger model (more FLOPs per step) reaches break-even sooner
-    assert decide_compile("auto", "cpu", short, **{**shape, "flops_per_fwdbwd": 1e13})[0]
-    # in fp32 (no casts to fuse) compiling measured no saving on a CPU: auto never compiles, forcing still does
-    fp32 = {**shape, "dtype": torch.float32}
-    use, why = decide_compile("auto", "cpu", 10**9, **{**fp32, "flops_per_fwdbwd": 1e13})
-    assert not use and "in float32 compiling saves nothing" in why and "never wins" in why
-    assert decide_compile("1", "cpu", 1, **fp32)[0] and decide_compile("auto", "cuda", 1, **fp32)[0]
+    model_be = (c["model_cost_s"] + 4 * c["model_cost_per_layer_s"]) / (2 * 1e11 / (1e11 * c["eager_mfu"]) * c["model_saving"])
+    optim_be = c["optim_cost_s"] / (10_000_000 * c["optim_eager_s_per_param"] * c["optim_saving"])
+    assert optim_be < model_be  # the optimizer step is the cheaper bet
+    for n, expected in [(int(optim_be) - 1, (False, False)), (int(optim_be) + 2, (False, True)),
+                        (int(model_be) - 1, (False, True)), (int(model_be) + 2, (True, True))]:
+        use_model, use_optim, why = decide_compile("auto", "cpu", n, **shape)
+        assert (use_model, use_optim) == expected, (n, why)
+        assert f"this run has {n} steps" in why and "pays after" in why
+    # a bigger model (more FLOPs per step) reaches the model's break-even sooner
+    assert decide_compile("auto", "cpu", int(model_be) - 1, **{**shape, "flops_per_fwdbwd": 1e13})[0]
+    # in fp32 (no casts to fuse) compiling the model measured no saving on a CPU: auto never compiles it, but still
+    # compiles the optimizer step of a long enough run; forcing still forces both
+    fp32 = {**shape, "dtype": torch.float32, "flops_per_fwdbwd": 1e13}
+    use_model, use_optim, why = decide_compile("auto", "cpu", 10**9, **fp32)
+    assert (use_model, use_optim) == (False, True) and "in float32" in why and "model (~" in why and "saves nothing" in why
+    assert decide_compile("1", "cpu", 1, **fp32)[:2] == (True, True)
+
+
+def test_apply_compile_sets_only_what_was_decided(monkeypatch):
+    from nanochat_nb.base_train import apply_compile
+    model = torch.nn.Linear(2, 2)
+    # apply_compile writes os.environ itself (main() restores it); setenv first so monkeypatch records the original
+    monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "auto")
+    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE")
+    same, line = apply_compile(model, False, False, "cpu")
+    assert same is model and line == "model off, optimizer step off" and "NANOCHAT_OPTIM_COMPILE" not in os.environ
+    same, line = apply_compile(model, False, True, "cpu")
+    assert same is model and line == "model off, optimizer step on" and os.environ["NANOCHAT_OPTIM_COMPILE"] == "1"
+    monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "0")  # the user's setting wins, and the line says so
+    compiled, line = apply_compile(model, True, True, "cpu")
+    assert compiled is not model and line == "model on, optimizer step off, as NANOCHAT_OPTIM_COMPILE=0 says"
+    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE")
+    assert apply_compile(model, False, False, "cuda")[1] == "model off, optimizer step on"  # CUDA: as the original
+    assert "NANOCHAT_OPTIM_COMPILE" not in os.environ
 
 
 def test_cli_entry_point_bf16(train_dir):
@@ -138,7 +160,8 @@ def test_cli_entry_point_bf16(train_dir):
     assert len(runs) == 1  # wandb logged offline
     assert "COMPUTE_DTYPE: torch.bfloat16" in proc.stdout and "step 00002/00003" in proc.stdout
     assert "Validation bpb" in proc.stdout and "The capital of France is" in proc.stdout
-    assert "torch.compile: off (auto on CPU: in bfloat16 compiling costs" in proc.stdout  # 3 steps never win it back
+    # 3 steps of a tiny model never win either compile back
+    assert "torch.compile: model off, optimizer step off (auto on CPU in bfloat16: the model costs" in proc.stdout
     assert os.path.exists(os.path.join(train_dir, "base_checkpoints", "d2", "model_000003.pt"))
 
 
@@ -162,7 +185,7 @@ def test_compiled_and_eager_training_agree_in_fp32(train_dir):
     _, eager, eager_bpb = run("--compile=0", "--matrix-lr=0.6", tag="eager")
     out, compiled, compiled_bpb = run("--compile=1", "--matrix-lr=0.6", tag="compiled")
     _, nudged, nudged_bpb = run("--compile=0", "--matrix-lr=0.63", tag="nudged")
-    assert "torch.compile: on (forced by --compile=1)" in out
+    assert "torch.compile: model on, optimizer step on (forced by --compile=1)" in out
     assert eager[-1] < eager[0] - 2  # it learns: the comparison is over a real curve
     gap = max(abs(a - b) for a, b in zip(eager, compiled))
     assert gap < 2e-3 and abs(compiled_bpb - eager_bpb) < 2e-3, (gap, eager, compiled)

@@ -209,8 +209,8 @@ def test_sft_inherits_learns_and_saves(sft_env, capsys):
     assert "max_seq_len: 64 (inherited from base)" in log and "device_batch_size: 2 (inherited from base)" in log
     assert "matrix_lr: 0.03 (overridden; base had 0.02)" in log and "embedding_lr: 0.3 (inherited from base)" in log
     assert "optimizer warm-started" in log
-    # base_train's rule: in fp32 (the tests' dtype) compiling never pays on a CPU; in bf16 12 steps are too few
-    assert "torch.compile: off (auto on CPU: in float32 compiling saves nothing" in log or "this run has 12" in log
+    # base_train's rule: 12 steps of a tiny model win neither compile back
+    assert "torch.compile: model off, optimizer step off (auto on CPU in" in log and "this run has 12 steps" in log
     assert out["step"] == 12 and sorted(out["val_bpbs"]) == [0, 6, 12] and out["grad_accum_steps"] == 1
     losses = [out["train_losses"][k] for k in sorted(out["train_losses"])]
     assert max(losses[-3:]) < 0.7 * losses[0]  # it learns the mixture (val bpb is a different mix: no claim on it here)
