@@ -29,6 +29,7 @@ from .common import (COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, autodetect_device_type
                                 compute_init, get_base_dir, get_peak_flops, get_wandb_run, is_ddp_initialized,
                                 is_main, print0, print_banner)
 from .loss_eval import evaluate_bpb
+from .optim import _compile_mode as _optim_compile_mode, optimizer_step_compiles
 from .train_loop import accumulated_step, make_grad_scaler, manage_gc, optimizer_step, set_schedules
 from .tokenizer import get_token_bytes, get_tokenizer
 
@@ -218,16 +219,14 @@ def decide_compile(mode, device_type, num_iterations, grad_accum_steps, flops_pe
                                   c["optim_cost_s"], num_iterations)
     return model, optim, f"auto on CPU in {name}: {why_model}; {why_optim}; this run has {num_iterations} steps"
 
-def apply_compile(model, compile_model, compile_optim, device_type):
-    "Compile `model` and/or turn on the compiled optimizer step; (the model, a line saying what runs compiled)."
+def apply_compile(model, optimizer, compile_model, compile_optim, device_type):
+    "Compile `model` and set `optimizer.compile_step`; (the model, a line saying what runs compiled)."
     if compile_model:
         model = torch.compile(model, dynamic=False)
-    env = os.environ.get("NANOCHAT_OPTIM_COMPILE")
-    if env is None and compile_optim and device_type == "cpu":  # on CUDA the optimizer step compiles anyway
-        os.environ["NANOCHAT_OPTIM_COMPILE"] = "1"  # main() restores the variable
-    optim_mode = os.environ.get("NANOCHAT_OPTIM_COMPILE", "auto")
-    optim_on = optim_mode == "1" or (optim_mode == "auto" and device_type == "cuda")
-    note = f", as NANOCHAT_OPTIM_COMPILE={env} says" if env is not None else ""
+    env = _optim_compile_mode()  # a user's NANOCHAT_OPTIM_COMPILE=0/1 wins over the decision
+    optimizer.compile_step = None if env != "auto" else bool(compile_optim or device_type == "cuda")
+    optim_on = optimizer_step_compiles(device_type, optimizer.compile_step)
+    note = f", as NANOCHAT_OPTIM_COMPILE={env} says" if env != "auto" else ""
     return model, f"model {'on' if compile_model else 'off'}, optimizer step {'on' if optim_on else 'off'}{note}"
 
 # %% ../nbs/09_base_train.ipynb #81afd80c
@@ -257,7 +256,6 @@ def main(argv=None):
     print0(f"COMPUTE_DTYPE: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})")
     wandb_run = get_wandb_run(args.run, project="nanochat", config=user_config, master_process=master_process)
     gc_was_enabled = gc.isenabled()
-    optim_compile_env = os.environ.get("NANOCHAT_OPTIM_COMPILE")
     try:
         results = _train(args, user_config, device_type, ddp_rank, ddp_world_size, device, master_process,
                          synchronize, get_max_memory, gpu_peak_flops, wandb_run)
@@ -265,7 +263,6 @@ def main(argv=None):
         # leave the process as we found it (main() may run inside a notebook or a test)
         gc.unfreeze()
         if gc_was_enabled: gc.enable()
-        if optim_compile_env is None: os.environ.pop("NANOCHAT_OPTIM_COMPILE", None)
         wandb_run.finish()
         compute_cleanup()
     return results
@@ -396,7 +393,7 @@ def _train(args, user_config, device_type, ddp_rank, ddp_world_size, device, mas
     compile_model, compile_optim, why = decide_compile(args.compile, device_type, num_iterations, grad_accum_steps,
                                                        num_flops_per_token * tokens_per_fwdbwd, gpu_peak_flops,
                                                        num_params, model_config.n_layer)
-    model, compiled = apply_compile(model, compile_model, compile_optim, device_type)
+    model, compiled = apply_compile(model, optimizer, compile_model, compile_optim, device_type)
     print0(f"torch.compile: {compiled} ({why})")
     # -------------------------------------------------------------------------
     # Loop state

@@ -220,12 +220,10 @@ def main(argv=None):
     if device_type == "cuda": os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
     ddp, rank, local_rank, world_size, device = compute_init(device_type)
     wandb_run = get_wandb_run(args.run, project="nanochat-sft", config=user_config, master_process=rank == 0)
-    optim_compile_env = os.environ.get("NANOCHAT_OPTIM_COMPILE")
     try:
         with restore_gc():
             return _train(args, user_config, device_type, device, rank, world_size, wandb_run)
     finally:
-        if optim_compile_env is None: os.environ.pop("NANOCHAT_OPTIM_COMPILE", None)
         wandb_run.finish()
         compute_cleanup()
 
@@ -261,16 +259,16 @@ def _train(args, user_config, device_type, device, rank, world_size, wandb_run):
             raise ValueError(f"the SFT checkpoint at step {args.resume_from_step} was written by {sft_meta['world_size']} rank(s); "
                              f"resume it with the same number of ranks (this run has {world_size})")
         orig_model.load_state_dict(model_data, strict=True, assign=True); del model_data
+    # --- optimizer
+    optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                           matrix_lr=args.matrix_lr, weight_decay=0.0)
     # base_train's rule; an epoch of the full mixture (num_iterations -1) is many thousands of steps
     horizon = args.num_iterations if args.num_iterations > 0 else 10**6
     compile_model, compile_optim, why = decide_compile(args.compile, device_type, horizon, grad_accum_steps,
                                                        num_flops_per_token * tokens_per_fwdbwd, peak_flops,
                                                        orig_model.num_scaling_params()["total"], orig_model.config.n_layer)
-    model, compiled = apply_compile(orig_model, compile_model, compile_optim, device_type)
+    model, compiled = apply_compile(orig_model, optimizer, compile_model, compile_optim, device_type)
     print0(f"torch.compile: {compiled} ({why})")
-    # --- optimizer
-    optimizer = orig_model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                           matrix_lr=args.matrix_lr, weight_decay=0.0)
     if not resuming and args.load_optimizer:
         print0(warm_start_optimizer(optimizer, base_dir_ckpt, base_step, rank, world_size, device))
     scaler = make_grad_scaler(device_type)

@@ -131,21 +131,29 @@ def test_compile_decision_forced_both_ways_and_auto_by_run_length():
 
 
 def test_apply_compile_sets_only_what_was_decided(monkeypatch):
+    "The decision goes to the optimizer (os.environ is never written); a user's NANOCHAT_OPTIM_COMPILE=0/1 wins."
     from nanochat_nb.base_train import apply_compile
+    from nanochat_nb.optim import MuonAdamW
     model = torch.nn.Linear(2, 2)
-    # apply_compile writes os.environ itself (main() restores it); setenv first so monkeypatch records the original
-    monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "auto")
-    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE")
-    same, line = apply_compile(model, False, False, "cpu")
-    assert same is model and line == "model off, optimizer step off" and "NANOCHAT_OPTIM_COMPILE" not in os.environ
-    same, line = apply_compile(model, False, True, "cpu")
-    assert same is model and line == "model off, optimizer step on" and os.environ["NANOCHAT_OPTIM_COMPILE"] == "1"
-    monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "0")  # the user's setting wins, and the line says so
-    compiled, line = apply_compile(model, True, True, "cpu")
-    assert compiled is not model and line == "model on, optimizer step off, as NANOCHAT_OPTIM_COMPILE=0 says"
-    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE")
-    assert apply_compile(model, False, False, "cuda")[1] == "model off, optimizer step on"  # CUDA: as the original
+    opt = MuonAdamW([dict(kind="adamw", params=list(model.parameters()), lr=0.1, betas=(0.8, 0.95), eps=1e-10,
+                          weight_decay=0.0)])
+    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE", raising=False)
+    same, line = apply_compile(model, opt, False, False, "cpu")
+    assert same is model and line == "model off, optimizer step off" and opt.compile_step is False
+    same, line = apply_compile(model, opt, False, True, "cpu")
+    assert same is model and line == "model off, optimizer step on" and opt.compile_step is True
     assert "NANOCHAT_OPTIM_COMPILE" not in os.environ
+    monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "0")  # the user's setting wins, and the line says so
+    compiled, line = apply_compile(model, opt, True, True, "cpu")
+    assert compiled is not model and line == "model on, optimizer step off, as NANOCHAT_OPTIM_COMPILE=0 says"
+    assert opt.compile_step is None and os.environ["NANOCHAT_OPTIM_COMPILE"] == "0"
+    monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "auto")  # 'auto' leaves it to the decision
+    assert apply_compile(model, opt, False, True, "cpu")[1] == "model off, optimizer step on"
+    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE")
+    assert apply_compile(model, opt, False, False, "cuda")[1] == "model off, optimizer step on"  # CUDA: as the original
+    monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "sometimes")  # a typo fails before any training
+    with pytest.raises(ValueError, match="NANOCHAT_OPTIM_COMPILE='sometimes'"):
+        apply_compile(model, opt, False, True, "cpu")
 
 
 def test_cli_entry_point_bf16(train_dir):

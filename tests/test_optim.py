@@ -266,6 +266,44 @@ def test_bad_compile_setting(monkeypatch):
     monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", "maybe")
     with pytest.raises(ValueError, match="NANOCHAT_OPTIM_COMPILE"):
         optim._compile_mode()
+    with pytest.raises(ValueError, match="NANOCHAT_OPTIM_COMPILE"):  # even where an explicit choice would decide
+        optim.optimizer_step_compiles("cpu", True)
+
+
+def test_optimizer_step_compiles_rule(monkeypatch):
+    "auto (unset): CUDA only; 1 / 0: always / never; an explicit True/False beats the variable."
+    monkeypatch.delenv("NANOCHAT_OPTIM_COMPILE", raising=False)
+    assert [optim.optimizer_step_compiles(d) for d in ("cuda", "cpu", "mps")] == [True, False, False]
+    for mode, expect in (("1", True), ("0", False), ("auto", False)):
+        monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", mode)
+        assert optim.optimizer_step_compiles("cpu") is expect
+        assert optim.optimizer_step_compiles("cpu", not expect) is (not expect)
+
+
+def test_compile_step_argument_overrides_the_environment(monkeypatch):
+    "With torch.compile replaced by a recorder: compile_step=True compiles both kernels under auto on a CPU, and"
+    " compile_step=False compiles nothing under NANOCHAT_OPTIM_COMPILE=1; the numbers are the eager ones either way."
+    compiled = []
+    def recording_compile(fn, **kwargs):
+        compiled.append(fn.__name__)
+        return fn
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch.manual_seed(0)
+    init, grads = [torch.randn(6, 4), torch.randn(8, 8)], [torch.randn(6, 4), torch.randn(8, 8)]
+    finals = []
+    for env, compile_step, expect in (("auto", True, ["adamw_step_fused", "muon_step_fused"]), ("1", False, []),
+                                      ("0", None, [])):
+        monkeypatch.setenv("NANOCHAT_OPTIM_COMPILE", env)
+        monkeypatch.setattr(optim, "_adamw_kernel", optim._MaybeCompiled(optim.adamw_step_fused))
+        monkeypatch.setattr(optim, "_muon_kernel", optim._MaybeCompiled(optim.muon_step_fused))
+        compiled.clear()
+        ps = [p.clone().requires_grad_() for p in init]
+        opt = MuonAdamW([adamw_group([ps[0]]), muon_group([ps[1]])], compile_step=compile_step)
+        for p, g in zip(ps, grads): p.grad = g.clone()
+        opt.step()
+        assert sorted(compiled) == expect, (env, compile_step, compiled)
+        finals.append([p.detach() for p in ps])
+    for a, b in zip(finals[0], finals[1]): assert torch.equal(a, b)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
