@@ -3,22 +3,24 @@ side by side.
 
 Each configuration runs `nanochat_nb.base_train.main` in its own subprocess (COMPUTE_DTYPE is fixed at import, so the
 dtype is chosen with NANOCHAT_DTYPE per process) on the same data, model, seed and number of steps, and reports
-  tok/s   steady-state tokens per second: total batch / median step time over the steps after the first 11 (which
-          include compile/warm-up; the median resists other processes stealing the CPU)
+  tok/s   steady-state tokens per second: total batch / median step time over every step but the first (which
+          includes compilation; the median resists the next few warm-up steps and other processes stealing the CPU)
   MFU     model FLOPs utilisation against this CPU's *measured* matmul peak in that dtype (measured once up front,
           best of 3 s, with common.measure_matmul_flops)
   step0 s the first step's time (compilation, when compiled)
   RSS MB  the subprocess's peak resident memory
   val bpb bits per byte on the validation shard after the fixed number of steps (same tokens for every config)
 
-A configuration is `dtype-mode[-loss][-optN]`: dtype fp32|bf16, mode eager|compile (--compile=0|1), loss
+A configuration is `dtype-mode[-loss][-optN][-malloc0]`: dtype fp32|bf16, mode eager|compile (--compile=0|1), loss
 plain|chunked (NANOCHAT_CHUNKED_LOSS=0|1; default: the model's choice, chunked on a CPU), optN the optimizer step
-compiled or not (NANOCHAT_OPTIM_COMPILE=N; default: base_train's choice, compiled with --compile=1 on a CPU).
+compiled or not (NANOCHAT_OPTIM_COMPILE=N; default: base_train's choice, compiled with --compile=1 on a CPU), malloc0
+glibc's malloc as it comes (NANOCHAT_MALLOC=0; default: common.keep_freed_memory, which the original does not do).
 Each configuration compiles into an inductor cache of its own, fresh in this bench run, so its step0 is a cold start;
 a `-warm` suffix runs the same configuration again on the cache its first run left, as a user's second run would
 (e.g. `--configs orig-fp32,orig-fp32-warm`).
-Two aliases stand for the original's code paths on a CPU: `orig-fp32` = fp32-compile-plain-opt1 (its default: fp32,
-compiled model and optimizer, full logits) and `orig-bf16` = bf16-compile-plain-opt1 (the same forced to bf16).
+Two aliases stand for the original's code paths on a CPU: `orig-fp32` = fp32-compile-plain-opt1-malloc0 (its
+default: fp32, compiled model and optimizer, full logits, malloc untouched) and `orig-bf16` =
+bf16-compile-plain-opt1-malloc0 (the same forced to bf16).
 Quality (final loss, val bpb) over a few dozen steps at this tiny batch is chaotic: right after warm-up the loss
 spikes, and runs that differ only in rounding (eager chunked vs eager plain loss, both fp32) end up to 0.6 nats apart.
 Compare tok/s, step0 and RSS across configs; compare quality only between repeated runs or in the fixed-seed tests
@@ -52,7 +54,7 @@ json.dump(r, open(os.environ["RESULTS_JSON"], "w"))
 """
 
 
-ALIASES = {"orig-fp32": "fp32-compile-plain-opt1", "orig-bf16": "bf16-compile-plain-opt1"}
+ALIASES = {"orig-fp32": "fp32-compile-plain-opt1-malloc0", "orig-bf16": "bf16-compile-plain-opt1-malloc0"}
 
 
 def prepare_base_dir(base_dir, vocab_size):
@@ -75,6 +77,8 @@ def run_config(name, base_dir, train_args, peaks):
             env["NANOCHAT_CHUNKED_LOSS"] = "0" if e == "plain" else "1"
         elif e in ("opt0", "opt1"):
             env["NANOCHAT_OPTIM_COMPILE"] = e[-1]
+        elif e == "malloc0":
+            env["NANOCHAT_MALLOC"] = "0"
         else:
             sys.exit(f"bench/train.py: unknown part {e!r} in config {name!r}; see --help")
     # one inductor cache per configuration (not the user's default, which earlier runs may have warmed)
@@ -105,8 +109,8 @@ def run_config(name, base_dir, train_args, peaks):
         return None
     r = json.load(open(results_path)); os.remove(results_path)
     r["peak_flops"] = peaks[dtype]
-    # median step time after the first 11 steps (warm-up / compile): robust to other processes stealing the CPU
-    times = sorted(t for s, t in r["step_times"].items() if int(s) > 10)
+    # median step time after step 0 (compilation): robust to warm-up steps and other processes stealing the CPU
+    times = sorted(t for s, t in r["step_times"].items() if int(s) >= 1)
     median_dt = times[len(times) // 2] if times else float("nan")
     r["tok_per_sec"] = r["total_batch_size"] / median_dt
     r["mfu"] = 100 * r["num_flops_per_token"] * r["tok_per_sec"] / r["peak_flops"]

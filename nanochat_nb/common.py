@@ -6,11 +6,13 @@
 __all__ = ['logger', 'DTYPE_NAMES', 'COMPUTE_DTYPE', 'COMPUTE_DTYPE_REASON', 'ColoredFormatter', 'setup_default_logging',
            'print0', 'print_banner', 'is_main', 'parse_dtype_override', 'cpu_has_native_bf16', 'detect_compute_dtype',
            'get_base_dir', 'atomic_write', 'download_file_with_lock', 'is_ddp_requested', 'is_ddp_initialized',
-           'get_dist_info', 'autodetect_device_type', 'compute_init', 'compute_cleanup', 'get_peak_flops',
-           'cpu_model_name', 'measure_matmul_flops', 'get_cpu_peak_flops', 'DummyWandb', 'get_wandb_run']
+           'get_dist_info', 'autodetect_device_type', 'keep_freed_memory', 'compute_init', 'compute_cleanup',
+           'get_peak_flops', 'cpu_model_name', 'measure_matmul_flops', 'get_cpu_peak_flops', 'DummyWandb',
+           'get_wandb_run']
 
 # %% ../nbs/00_common.ipynb #fd00dfa2
 import builtins
+import ctypes
 import json
 import logging
 import os
@@ -205,15 +207,36 @@ def autodetect_device_type():
     print0(f"Autodetected device type: {device_type}")
     return device_type
 
+# %% ../nbs/00_common.ipynb #bfdcfb16
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's <malloc.h>
+
+def keep_freed_memory(mmap_threshold=256 << 20, trim_threshold=1 << 30):
+    "On glibc, keep freed blocks up to `mmap_threshold` and up to `trim_threshold` of free heap in the process; what was done."
+    mode = os.environ.get("NANOCHAT_MALLOC", "auto").strip().lower()
+    if mode not in ("auto", "0"):
+        raise ValueError(f"NANOCHAT_MALLOC={mode!r} is not understood; use 'auto' (keep freed memory on glibc, the "
+                         f"default) or '0' (leave malloc as it is)")
+    if mode == "0":
+        return "malloc left as it is (NANOCHAT_MALLOC=0)"
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return "malloc left as its MALLOC_*_ environment variables set it"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "malloc left as it is (not glibc)"
+    libc = ctypes.CDLL("libc.so.6")
+    if libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) != 1:
+        return "malloc left as it is (mallopt refused the thresholds)"
+    return f"malloc keeps freed memory (mmap threshold {mmap_threshold >> 20} MB, trim threshold {trim_threshold >> 20} MB)"
+
 # %% ../nbs/00_common.ipynb #5b6e6611
 def compute_init(device_type="cuda"):
-    "Seed, set matmul precision, and join the process group when launched by torchrun. Returns (ddp, rank, local_rank, world_size, device)."
+    "Seed, set matmul precision (on a CPU: keep freed memory), and join the process group when launched by torchrun. Returns (ddp, rank, local_rank, world_size, device)."
     assert device_type in ("cuda", "mps", "cpu"), f"device_type must be cuda, mps or cpu, got {device_type!r}"
     if device_type == "cuda":
         assert torch.cuda.is_available(), "device_type=cuda but PyTorch sees no CUDA GPU; pass --device-type=cpu"
     if device_type == "mps":
         assert torch.backends.mps.is_available(), "device_type=mps but MPS is not available; pass --device-type=cpu"
     torch.manual_seed(42)
+    malloc_note = keep_freed_memory() if device_type == "cpu" else None
     if device_type == "cuda":
         torch.cuda.manual_seed(42)
         torch.set_float32_matmul_precision("high")  # TF32 for the remaining fp32 matmuls
@@ -232,6 +255,7 @@ def compute_init(device_type="cuda"):
         device = torch.device(device_type)
     if rank == 0:
         logger.info(f"Distributed world size: {world_size}")
+        if malloc_note: logger.info(malloc_note)
     return ddp, rank, local_rank, world_size, device
 
 def compute_cleanup():
