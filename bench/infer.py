@@ -9,7 +9,8 @@ Four modes, side by side:
   cast    compute dtype, fp32 masters cast to it on every forward (this project before issue 17)
   held    compute dtype, weights held in it while generating, none packed (gpt.inference_weights, PACK_MIN_NUMEL off)
   packed  held, and on a CPU the large ones re-laid out for oneDNN (gpt.packed_weight: what Engine does now)
-`cast`, `held` and `packed` run in one process on the same model and take turns, repeat by repeat, so a busy moment
+`cast`, `held` and `packed` run in one process on the same model, with malloc as compute_init sets it on a CPU
+(common.keep_freed_memory; the fp32 process leaves malloc as it is), and take turns, repeat by repeat, so a busy moment
 on a shared machine hits all of them; every figure is the median over --repeats. Where the compute dtype is fp32
 (a CPU without fast bf16), `cast` and `held` do the same thing and differ only by noise.
 
@@ -47,6 +48,9 @@ def worker(args, modes):
     import nanochat_nb.gpt as G
     from nanochat_nb.gpt import GPT, config_for_depth
     device = torch.device(args.device)
+    if device.type == "cpu" and "fp32" not in modes:  # as compute_init does in chat_cli / chat_web; not the original
+        from nanochat_nb.common import keep_freed_memory
+        print(keep_freed_memory(), file=sys.stderr)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     seq_len = max(512, args.prompt_len + args.new_tokens)

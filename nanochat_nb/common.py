@@ -207,7 +207,7 @@ def autodetect_device_type():
     print0(f"Autodetected device type: {device_type}")
     return device_type
 
-# %% ../nbs/00_common.ipynb #bfdcfb16
+# %% ../nbs/00_common.ipynb #edd52dc0
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's <malloc.h>
 
 def keep_freed_memory(mmap_threshold=256 << 20, trim_threshold=1 << 30):
