@@ -2,20 +2,22 @@
 token, time to first token (TTFT), time per output token (TPOT) and tokens/s for batch sizes 1, 8, 32, plus the
 Engine (sampling, tool state machine) at 1 and 8 samples.
 
-Four modes, side by side:
+Five modes, side by side:
   fp32    the original's CPU configuration, in a subprocess: the model in fp32 throughout (NANOCHAT_DTYPE=float32),
           weights used as they are, the soft-cap as the out-of-place tanh and a prefill that computes the logits of
           every prompt position (this project now soft-caps in place through a sigmoid and asks for the last only)
   cast    compute dtype, fp32 masters cast to it on every forward (this project before issue 17)
   held    compute dtype, weights held in it while generating, none packed (gpt.inference_weights, PACK_MIN_NUMEL off)
-  packed  held, and on a CPU the large ones re-laid out for oneDNN (gpt.packed_weight: what Engine does now)
-`cast`, `held` and `packed` run in one process on the same model, with malloc as compute_init sets it on a CPU
+  packed  held, and on a CPU the large ones re-laid out for oneDNN (gpt.packed_weight)
+  mixed   packed, and on a CPU a product of a few rows by a small weight done with its fp32 master where this CPU
+          measured that faster (gpt.fp32_product_rows): what Engine does now
+`cast`, `held`, `packed` and `mixed` run in one process on the same model, with malloc as compute_init sets it on a CPU
 (common.keep_freed_memory; the fp32 process leaves malloc as it is), and take turns, repeat by repeat, so a busy moment
 on a shared machine hits all of them; every figure is the median over --repeats. Where the compute dtype is fp32
 (a CPU without fast bf16), `cast` and `held` do the same thing and differ only by noise.
 
 Usage: python bench/infer.py [--depth 4] [--vocab-size 32768] [--prompt-len 128] [--new-tokens 32]
-       [--batch-sizes 1 8 32] [--repeats 3] [--modes fp32 cast held packed] [--device cpu|cuda]
+       [--batch-sizes 1 8 32] [--repeats 3] [--modes fp32 cast held packed mixed] [--device cpu|cuda]
 """
 import argparse
 import contextlib
@@ -62,7 +64,7 @@ def worker(args, modes):
     model.eval()
     c = model.config
     P, N = args.prompt_len, args.new_tokens
-    real_hold, real_pack_min = engine_mod.inference_weights, G.PACK_MIN_NUMEL
+    real_hold, real_pack_min, real_probe = engine_mod.inference_weights, G.PACK_MIN_NUMEL, G.FP32_PROBE_ROWS
     if "fp32" in modes:  # the original's forward (fp32 runs alone, in its own process)
         G.softcap_logits = lambda logits, softcap: softcap * torch.tanh(logits / softcap)
         plain_forward = model.forward
@@ -74,13 +76,14 @@ def worker(args, modes):
     @contextlib.contextmanager
     def weights(mode):
         "The block runs with `mode`'s weights; the Engine's own hold is switched off (this one is the outermost)."
-        G.PACK_MIN_NUMEL = real_pack_min if mode == "packed" else float("inf")
+        G.PACK_MIN_NUMEL = real_pack_min if mode in ("packed", "mixed") else float("inf")
+        G.FP32_PROBE_ROWS = real_probe if mode == "mixed" else ()
         engine_mod.inference_weights = lambda m: contextlib.nullcontext()
         try:
-            with real_hold(model) if mode in ("held", "packed") else contextlib.nullcontext():
+            with real_hold(model) if mode in ("held", "packed", "mixed") else contextlib.nullcontext():
                 yield
         finally:
-            G.PACK_MIN_NUMEL, engine_mod.inference_weights = real_pack_min, real_hold
+            G.PACK_MIN_NUMEL, G.FP32_PROBE_ROWS, engine_mod.inference_weights = real_pack_min, real_probe, real_hold
 
     @torch.inference_mode()
     def run(B):
@@ -144,7 +147,8 @@ def main():
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--engine-samples", type=int, nargs="*", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--modes", nargs="+", default=["fp32", "cast", "held", "packed"], choices=["fp32", "cast", "held", "packed"])
+    p.add_argument("--modes", nargs="+", default=["fp32", "cast", "held", "packed", "mixed"],
+                   choices=["fp32", "cast", "held", "packed", "mixed"])
     p.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -193,7 +197,7 @@ def main():
             print(f"{r['mode']:<6} {r['engine']:>14} {r['tok_s']:>8.0f}")
     print()
     keys = [*args.batch_sizes, *[f"engine{s}" for s in args.engine_samples]]
-    for num, den in [("packed", "fp32"), ("packed", "held"), ("held", "cast"), ("held", "fp32")]:
+    for num, den in [("mixed", "fp32"), ("mixed", "packed"), ("packed", "held"), ("held", "cast"), ("held", "fp32")]:
         if any((num, k) in by and (den, k) in by for k in keys):
             ratios = ", ".join(f"{'batch ' + str(k) if isinstance(k, int) else k}: x{by[(num, k)]['tok_s'] / by[(den, k)]['tok_s']:.2f}"
                                for k in keys if (num, k) in by and (den, k) in by)

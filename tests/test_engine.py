@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanochat_nb.common import COMPUTE_DTYPE
 from nanochat_nb.engine import Engine, KVCache, RowState, sample_next_token, use_calculator, timeout
@@ -266,6 +267,7 @@ import nanochat_nb.gpt as G
 from nanochat_nb.engine import Engine, KVCache
 from tests.test_engine import tiny_gpt, TOK, PROMPT
 assert G.COMPUTE_DTYPE == torch.bfloat16
+G.FP32_PROBE_ROWS = ()  # this test is about the bf16 copies: no product goes to the fp32 masters
 model = tiny_gpt(0)
 linears = [m for m in model.modules() if isinstance(m, G.Linear)]
 masters = [m.weight.detach().clone() for m in linears]
@@ -525,3 +527,40 @@ def test_module_self_test_on_a_saved_base_checkpoint(base_dir):
                           cwd=REPO, env=env, capture_output=True, text=True, encoding="utf-8", timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Reference time:" in proc.stdout and "Engine time:" in proc.stdout and "Match: True" in proc.stdout
+
+
+def test_small_products_use_the_fp32_master_where_this_cpu_is_faster(monkeypatch):
+    """Issue 17: within inference_weights a small Linear multiplies up to `_held[3]` rows with its fp32 master (input
+    cast up, output down) and more rows with its bf16 copy; the row count comes from a measurement made once per shape."""
+    import nanochat_nb.gpt as G
+    lin = G.Linear(64, 48, bias=False)
+    torch.nn.init.normal_(lin.weight)
+    x_few, x_many = torch.randn(1, 3, 64).bfloat16(), torch.randn(2, 8, 64).bfloat16()
+    fp32_product = lambda x: F.linear(x.float(), lin.weight).bfloat16()
+    bf16_product = lambda x: F.linear(x, lin.weight.bfloat16())
+    assert not torch.equal(fp32_product(x_few), bf16_product(x_few))  # the two paths are distinguishable
+    monkeypatch.setattr(G, "fp32_product_rows", lambda w, dtype: 8)  # as if this CPU measured it so
+    with torch.no_grad(), G.inference_weights(lin, dtype=torch.bfloat16):
+        assert lin._held[3] == 8
+        assert torch.equal(lin(x_few), fp32_product(x_few))     # 3 rows: the fp32 master
+        assert torch.equal(lin(x_many), bf16_product(x_many))   # 16 rows: the bf16 copy
+    monkeypatch.undo()
+    # the decision, with a fake timer answering (fp32, bf16) medians per probe: the largest row count where the fp32
+    # product takes at most 0.8x the bf16 one, stopping at the first that loses; measured once per shape
+    calls = []
+    def fake_timer(answers):
+        def median_us(fn, reps=25):
+            calls.append(1)
+            return answers[len(calls) - 1]
+        return median_us
+    for shape, answers, expected in [((47, 63), [10, 20, 30, 20], 1), ((46, 63), [10, 20, 15, 20], 8),
+                                     ((45, 63), [19, 20], 0)]:
+        calls.clear()
+        monkeypatch.setattr(G, "_median_us", fake_timer(answers))
+        w = torch.randn(*shape)
+        assert G.fp32_product_rows(w, torch.bfloat16) == expected, (shape, answers)
+        n = len(calls)
+        assert G.fp32_product_rows(w, torch.bfloat16) == expected and len(calls) == n  # cached: not measured again
+    assert G.fp32_product_rows(torch.randn(44, 63), torch.float32) == 0  # nothing to gain in fp32
+    monkeypatch.setattr(G, "FP32_PROBE_ROWS", ())
+    assert G.fp32_product_rows(torch.randn(43, 63), torch.bfloat16) == 0  # switched off
