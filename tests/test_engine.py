@@ -562,5 +562,10 @@ def test_small_products_use_the_fp32_master_where_this_cpu_is_faster(monkeypatch
         n = len(calls)
         assert G.fp32_product_rows(w, torch.bfloat16) == expected and len(calls) == n  # cached: not measured again
     assert G.fp32_product_rows(torch.randn(44, 63), torch.float32) == 0  # nothing to gain in fp32
+    monkeypatch.undo()
+    w = torch.randn(42, 63)
+    state = torch.get_rng_state()  # a real measurement leaves the global RNG (seeded sampling, tests) alone
+    assert G.fp32_product_rows(w, torch.bfloat16) in (0, *G.FP32_PROBE_ROWS)
+    assert torch.equal(torch.get_rng_state(), state)
     monkeypatch.setattr(G, "FP32_PROBE_ROWS", ())
     assert G.fp32_product_rows(torch.randn(43, 63), torch.bfloat16) == 0  # switched off
